@@ -1,0 +1,47 @@
+# Every check is defined here once; .ci/run and people call the same targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install lint format typecheck test pytest bench demo chaos broker clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+broker:
+	./scripts/ensure-broker.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install broker
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: install broker
+	./scripts/ensure-wrk.sh
+	$(BIN)/python -m bench
+
+demo: install broker
+	$(BIN)/python -m sandbox.demo
+
+chaos: install broker
+	$(BIN)/pytest -m chaos -s
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Makes sure RabbitMQ answers at BRIDGE_AMQP_URL before tests or the demo run.
+# Order: already up; a local rabbitmq-server; `docker compose up -d rabbitmq`; else explain.
+set -euo pipefail
+
+url="${BRIDGE_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
+wait_s="${BRIDGE_BROKER_WAIT_S:-60}"
+
+answers() {
+    python3 - "$url" <<'PY'
+import socket, sys
+from urllib.parse import urlsplit
+u = urlsplit(sys.argv[1])
+host, port = u.hostname or "127.0.0.1", u.port or (5671 if u.scheme == "amqps" else 5672)
+try:
+    with socket.create_connection((host, port), timeout=2) as s:
+        s.sendall(b"AMQP\x00\x00\x09\x01")
+        s.settimeout(5)
+        frame = s.recv(8)
+        # A broker answers the protocol header with a Connection.Start method frame (type 1).
+        sys.exit(0 if frame[:1] == b"\x01" else 1)
+except OSError:
+    sys.exit(1)
+PY
+}
+
+wait_until_up() {
+    local deadline=$((SECONDS + wait_s))
+    until answers; do
+        if ((SECONDS >= deadline)); then
+            echo "RabbitMQ did not answer at $url within ${wait_s}s." >&2
+            exit 1
+        fi
+        sleep 1
+    done
+}
+
+if answers; then
+    exit 0
+fi
+
+echo "RabbitMQ does not answer at $url; trying to start one." >&2
+if command -v rabbitmq-server >/dev/null 2>&1; then
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+    wait_until_up
+    echo "Started the local rabbitmq-server." >&2
+elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+    docker compose up -d rabbitmq
+    wait_until_up
+    echo "Started RabbitMQ with docker compose." >&2
+else
+    cat >&2 <<MSG
+No RabbitMQ answers at $url, and none can be started here.
+Get one of:
+  - a local broker:   apt-get install rabbitmq-server && rabbitmq-server -detached
+  - Docker:           docker compose up -d rabbitmq
+  - another broker:   export BRIDGE_AMQP_URL=amqp://user:pass@host:5672/
+MSG
+    exit 1
+fi

@@ -1,0 +1,171 @@
+"""Every setting of voucher-bridge: one pydantic-settings class, read from `BRIDGE_*` variables."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.errors import SettingsError
+
+ENV_PREFIX = "BRIDGE_"
+
+
+class ConfirmMode(StrEnum):
+    """How a reservation is agreed with Jackpot."""
+
+    API = "api"  # PUT /v2/voucher/{id}/confirm from the reservations worker
+    NOTIFICATION = "notification"  # the ingress's 200 to the RESERVED call is the agreement
+
+
+class PdfOrigin(tuple[str, str, int]):
+    """An origin allowed to serve voucher PDFs: (scheme, host, port)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, text: str) -> PdfOrigin:
+        text = text.strip()
+        if "://" not in text:
+            text = f"https://{text}"
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{text!r} is not `host`, `https://host[:port]` or `http://host:port`")
+        if parts.path not in ("", "/") or parts.query:
+            raise ValueError(f"{text!r} must be an origin, without a path")
+        if parts.scheme == "http" and parts.port is None:
+            raise ValueError(f"{text!r}: plain http is allowed only for an exact host:port")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls((parts.scheme, parts.hostname.lower(), port))
+
+    @property
+    def scheme(self) -> str:
+        return self[0]
+
+    @property
+    def host(self) -> str:
+        return self[1]
+
+    @property
+    def port(self) -> int:
+        return self[2]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """The process's configuration. Build it once in `main()` and pass it down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
+    )
+
+    # Broker
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    namespace: str = Field("bridge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+    # Notification keys: the first secret signs, all of them verify.
+    key_secrets: Annotated[list[SecretStr], NoDecode] = Field(min_length=1)
+
+    # Ingress HTTP
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    publish_timeout_s: float = Field(5.0, gt=0, le=60)
+
+    # Spool used while the broker cannot take notifications
+    spool_dir: Path = Path("var/spool")
+    spool_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
+
+    # Partners
+    jackpot_api_url: str = "https://api.jackpot-io.com"
+    jackpot_api_key: SecretStr
+    jackpot_confirm: ConfirmMode = ConfirmMode.API
+    doshii_api_url: str = "https://sandbox.doshii.co/partner/v3"
+    doshii_client_id: str = Field(min_length=1)
+    doshii_client_secret: SecretStr
+    partner_timeout_s: float = Field(10.0, gt=0, le=120)
+
+    # Vouchers and PDFs
+    value_to_cents: int = Field(100, gt=0)
+    pdf_hosts: Annotated[list[PdfOrigin], NoDecode] = Field(
+        default_factory=lambda: [PdfOrigin.parse("jackpot-vouchers.s3.amazonaws.com")]
+    )
+    pdf_dir: Path = Path("var/pdfs")
+    pdf_max_bytes: int = Field(10 * 1024 * 1024, gt=0)
+
+    # Workers
+    prefetch: int = Field(32, ge=1, le=10_000)
+    concurrency: int = Field(16, ge=1, le=10_000)
+    retry_tiers_s: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [10, 60, 300, 1800, 7200], min_length=1
+    )
+    quick_retries: int = Field(3, ge=1, le=10)
+    delivery_limit: int = Field(20, ge=1)
+    worker_http_port: int = Field(9100, ge=0, le=65535)
+    drain_timeout_s: float = Field(30.0, gt=0)
+
+    # Logs
+    log_level: str = Field("info", pattern=r"(?i)^(debug|info|warning|error)$")
+    log_json: bool | None = None  # None: JSON unless stderr is a terminal
+
+    @field_validator("key_secrets", mode="before")
+    @classmethod
+    def _parse_secrets(cls, value: Any) -> Any:
+        value = _split_commas(value)
+        if isinstance(value, list) and any(len(str(s)) < 16 for s in value):
+            raise ValueError("every secret must be at least 16 characters")
+        return value
+
+    @field_validator("pdf_hosts", mode="before")
+    @classmethod
+    def _parse_pdf_hosts(cls, value: Any) -> Any:
+        value = _split_commas(value)
+        if isinstance(value, list):
+            return [v if isinstance(v, PdfOrigin) else PdfOrigin.parse(str(v)) for v in value]
+        return value
+
+    @field_validator("retry_tiers_s", mode="before")
+    @classmethod
+    def _parse_tiers(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("jackpot_api_url", "doshii_api_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp(cls, value: SecretStr) -> SecretStr:
+        if urlsplit(value.get_secret_value()).scheme not in ("amqp", "amqps"):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return value
+
+
+def describe_errors(error: ValidationError) -> str:
+    lines = ["voucher-bridge cannot start: bad settings"]
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else "?"
+        variable = f"{ENV_PREFIX}{field.upper()}"
+        message = "is missing, and has no default" if problem["type"] == "missing" else problem["msg"]
+        lines.append(f"  {variable}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment; exit with a message naming each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(describe_errors(error)) from error

@@ -1,0 +1,138 @@
+"""The broker's shape, declared in one place: exchanges, queues, delay tiers and the dead queue.
+
+    <ns>.events (topic) ─ voucher.reserved ─▶ <ns>.reservations
+                        ─ voucher.ready    ─▶ <ns>.pdfs
+                        ─ voucher.lifecycle▶ <ns>.lifecycle
+                        ─ doshii.update    ─▶ <ns>.doshii
+    <ns>.delay (headers, x-bridge-tier) ─▶ <ns>.delay.<N>s  (TTL N s, dead-letters to <ns>.retry)
+    <ns>.retry (direct, key = work queue name) ─▶ that work queue
+    <ns>.dead (fanout) ─▶ <ns>.dead   (explicit dead letters and x-delivery-limit overflow)
+
+Every queue is a quorum queue with at-least-once dead-lettering, so a message moving to a delay
+tier, back from one, or to the dead queue is never dropped on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import aio_pika
+from aio_pika.abc import AbstractChannel
+
+from shared.models import Route
+
+TIER_HEADER = "x-bridge-tier"
+
+
+class Stage(StrEnum):
+    """The worker roles, each consuming one work queue."""
+
+    RESERVATIONS = "reservations"
+    PDFS = "pdfs"
+    LIFECYCLE = "lifecycle"
+    DOSHII = "doshii"
+
+
+STAGE_ROUTES: dict[Stage, Route] = {
+    Stage.RESERVATIONS: Route.RESERVED,
+    Stage.PDFS: Route.READY,
+    Stage.LIFECYCLE: Route.LIFECYCLE,
+    Stage.DOSHII: Route.DOSHII,
+}
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every exchange and queue name of one namespace."""
+
+    namespace: str
+
+    @property
+    def events(self) -> str:
+        return f"{self.namespace}.events"
+
+    @property
+    def delay(self) -> str:
+        return f"{self.namespace}.delay"
+
+    @property
+    def retry(self) -> str:
+        return f"{self.namespace}.retry"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.namespace}.dead"
+
+    def queue(self, stage: Stage) -> str:
+        return f"{self.namespace}.{stage}"
+
+    def tier_queue(self, delay_s: int) -> str:
+        return f"{self.namespace}.delay.{delay_s}s"
+
+    def stage_of(self, queue: str) -> Stage | None:
+        for stage in Stage:
+            if self.queue(stage) == queue:
+                return stage
+        return None
+
+
+def _quorum(**extra: object) -> dict[str, object]:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-strategy": "at-least-once",
+        # at-least-once dead-lettering requires reject-publish overflow.
+        "x-overflow": "reject-publish",
+        **extra,
+    }
+
+
+async def declare(
+    channel: AbstractChannel, namespace: str, *, tiers_s: Sequence[int], delivery_limit: int
+) -> Names:
+    """Declare every exchange, queue and binding of `namespace`. Declaring twice is harmless."""
+    names = Names(namespace)
+    durable = {"durable": True}
+    events = await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, **durable)
+    delay = await channel.declare_exchange(names.delay, aio_pika.ExchangeType.HEADERS, **durable)
+    retry = await channel.declare_exchange(names.retry, aio_pika.ExchangeType.DIRECT, **durable)
+    dead = await channel.declare_exchange(names.dead, aio_pika.ExchangeType.FANOUT, **durable)
+
+    dead_queue = await channel.declare_queue(
+        names.dead, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_queue.bind(dead)
+
+    for stage, route in STAGE_ROUTES.items():
+        queue = await channel.declare_queue(
+            names.queue(stage),
+            durable=True,
+            arguments=_quorum(
+                **{"x-delivery-limit": delivery_limit, "x-dead-letter-exchange": names.dead}
+            ),
+        )
+        await queue.bind(events, routing_key=route)
+        await queue.bind(retry, routing_key=names.queue(stage))
+
+    for delay_s in tiers_s:
+        tier = await channel.declare_queue(
+            names.tier_queue(delay_s),
+            durable=True,
+            arguments=_quorum(
+                **{"x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": names.retry}
+            ),
+        )
+        await tier.bind(delay, arguments={"x-match": "all", TIER_HEADER: f"{delay_s}s"})
+    return names
+
+
+async def delete(channel: AbstractChannel, namespace: str, *, tiers_s: Sequence[int]) -> None:
+    """Remove every exchange and queue of `namespace` (tests and the demo clean up with it)."""
+    names = Names(namespace)
+    queues = [names.dead, *(names.queue(s) for s in Stage)]
+    queues += [names.tier_queue(t) for t in tiers_s]
+    for queue in queues:
+        await channel.queue_delete(queue)
+    for exchange in (names.events, names.delay, names.retry, names.dead):
+        await channel.exchange_delete(exchange)

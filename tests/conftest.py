@@ -1,0 +1,92 @@
+"""Fixtures shared by every test: a namespace of its own on the real broker, and settings."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from shared import topology
+from shared.settings import Settings
+
+AMQP_URL = os.environ.get("BRIDGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+TEST_SECRETS = ["test-secret-one-0123456789", "test-secret-old-9876543210"]
+# Short tiers keep retry tests quick while exercising the real TTL queues.
+TEST_TIERS_S = [1, 2]
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_settings(namespace: str, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for this test's namespace; keyword arguments override any field."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "amqp_url": AMQP_URL,
+            "namespace": namespace,
+            "key_secrets": ",".join(TEST_SECRETS),
+            "http_port": 0,
+            "jackpot_api_url": "http://127.0.0.1:9",
+            "jackpot_api_key": "jackpot-test-key",
+            "doshii_api_url": "http://127.0.0.1:9",
+            "doshii_client_id": "bridge-test",
+            "doshii_client_secret": "doshii-test-secret-0123456789",
+            "pdf_hosts": "http://127.0.0.1:9",
+            "pdf_dir": tmp_path / "pdfs",
+            "spool_dir": tmp_path / "spool",
+            "retry_tiers_s": ",".join(map(str, TEST_TIERS_S)),
+            "publish_timeout_s": 2.0,
+            "partner_timeout_s": 2.0,
+            "drain_timeout_s": 5.0,
+            "worker_http_port": 0,
+            "log_json": True,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def channel(amqp: AbstractRobustConnection) -> AsyncIterator[AbstractChannel]:
+    async with amqp.channel() as channel:
+        yield channel
+
+
+@pytest.fixture
+async def broker(channel: AbstractChannel, settings: Settings) -> AsyncIterator[topology.Names]:
+    """This test's namespace, declared on the real broker and deleted afterwards."""
+    names = await topology.declare(
+        channel,
+        settings.namespace,
+        tiers_s=settings.retry_tiers_s,
+        delivery_limit=settings.delivery_limit,
+    )
+    try:
+        yield names
+    finally:
+        await topology.delete(channel, settings.namespace, tiers_s=settings.retry_tiers_s)
