@@ -1,1 +1,1 @@
-"""Settings, models, keys, topology, broker and partner clients shared by the ingress and workers."""
+"""Settings, models, keys, topology, broker and partner clients of the ingress and workers."""

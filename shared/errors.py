@@ -24,11 +24,11 @@ class PermanentError(BridgeError):
 
 
 class Rejected(BridgeError):
-    """A business refusal (amount mismatch, request no longer pending): handled, not dead-lettered."""
+    """A business refusal (amount mismatch, request not pending): handled, not dead-lettered."""
 
 
 class BrokerUnavailable(TransientError):
-    """The broker did not take a message: not connected, nacked, unroutable or no confirm in time."""
+    """The broker did not take a message: not connected, nacked, unroutable or unconfirmed."""
 
 
 class InvalidKey(BridgeError):

@@ -24,8 +24,8 @@ VERSION = "v1"
 _PREFIX = b"v1."
 # 22 base64url characters carry 132 bits of the MAC: far beyond guessing, and short in a URL.
 MAC_CHARS = 22
-# Claims are three short fields; anything longer is not a key of ours.
-MAX_KEY_CHARS = 512
+# Claims are three fields of at most 64 characters each (JSON-escaped); nothing longer is ours.
+MAX_KEY_CHARS = 2048
 
 
 def _b64encode(data: bytes) -> str:

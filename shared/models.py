@@ -86,7 +86,7 @@ def route_for(state: str) -> Route:
 
 
 def value_to_cents(value: Decimal, factor: int) -> int:
-    """Convert a Jackpot value to Doshii cents; a fraction of a cent is a payload that cannot be right."""
+    """Jackpot value to Doshii cents; a fraction of a cent is a payload that cannot be right."""
     cents = value * factor
     if cents != cents.to_integral_value():
         raise PermanentError(f"value {value} x {factor} is not a whole number of cents")

@@ -158,7 +158,9 @@ def describe_errors(error: ValidationError) -> str:
     for problem in error.errors():
         field = str(problem["loc"][0]) if problem["loc"] else "?"
         variable = f"{ENV_PREFIX}{field.upper()}"
-        message = "is missing, and has no default" if problem["type"] == "missing" else problem["msg"]
+        message = (
+            "is missing, and has no default" if problem["type"] == "missing" else problem["msg"]
+        )
         lines.append(f"  {variable}: {message}")
     return "\n".join(lines)
 

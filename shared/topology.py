@@ -4,7 +4,7 @@
                         ─ voucher.ready    ─▶ <ns>.pdfs
                         ─ voucher.lifecycle▶ <ns>.lifecycle
                         ─ doshii.update    ─▶ <ns>.doshii
-    <ns>.delay (headers, x-bridge-tier) ─▶ <ns>.delay.<N>s  (TTL N s, dead-letters to <ns>.retry)
+    <ns>.delay (headers, bridge-tier) ─▶ <ns>.delay.<N>s  (TTL N s, dead-letters to <ns>.retry)
     <ns>.retry (direct, key = work queue name) ─▶ that work queue
     <ns>.dead (fanout) ─▶ <ns>.dead   (explicit dead letters and x-delivery-limit overflow)
 
@@ -20,10 +20,12 @@ from enum import StrEnum
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
+from pamqp.common import FieldTable
 
 from shared.models import Route
 
-TIER_HEADER = "x-bridge-tier"
+# Headers exchanges ignore binding arguments that start with "x-": this one must not.
+TIER_HEADER = "bridge-tier"
 
 
 class Stage(StrEnum):
@@ -78,7 +80,7 @@ class Names:
         return None
 
 
-def _quorum(**extra: object) -> dict[str, object]:
+def _quorum(extra: FieldTable) -> FieldTable:
     return {
         "x-queue-type": "quorum",
         "x-dead-letter-strategy": "at-least-once",
@@ -93,11 +95,11 @@ async def declare(
 ) -> Names:
     """Declare every exchange, queue and binding of `namespace`. Declaring twice is harmless."""
     names = Names(namespace)
-    durable = {"durable": True}
-    events = await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, **durable)
-    delay = await channel.declare_exchange(names.delay, aio_pika.ExchangeType.HEADERS, **durable)
-    retry = await channel.declare_exchange(names.retry, aio_pika.ExchangeType.DIRECT, **durable)
-    dead = await channel.declare_exchange(names.dead, aio_pika.ExchangeType.FANOUT, **durable)
+    kinds = aio_pika.ExchangeType
+    events = await channel.declare_exchange(names.events, kinds.TOPIC, durable=True)
+    delay = await channel.declare_exchange(names.delay, kinds.HEADERS, durable=True)
+    retry = await channel.declare_exchange(names.retry, kinds.DIRECT, durable=True)
+    dead = await channel.declare_exchange(names.dead, kinds.FANOUT, durable=True)
 
     dead_queue = await channel.declare_queue(
         names.dead, durable=True, arguments={"x-queue-type": "quorum"}
@@ -109,7 +111,7 @@ async def declare(
             names.queue(stage),
             durable=True,
             arguments=_quorum(
-                **{"x-delivery-limit": delivery_limit, "x-dead-letter-exchange": names.dead}
+                {"x-delivery-limit": delivery_limit, "x-dead-letter-exchange": names.dead}
             ),
         )
         await queue.bind(events, routing_key=route)
@@ -120,7 +122,7 @@ async def declare(
             names.tier_queue(delay_s),
             durable=True,
             arguments=_quorum(
-                **{"x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": names.retry}
+                {"x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": names.retry}
             ),
         )
         await tier.bind(delay, arguments={"x-match": "all", TIER_HEADER: f"{delay_s}s"})

@@ -10,7 +10,7 @@ from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from shared import topology
 from shared.settings import Settings
@@ -63,8 +63,8 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 
 
 @pytest.fixture
-async def amqp() -> AsyncIterator[AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(AMQP_URL)
+async def amqp() -> AsyncIterator[AbstractConnection]:
+    connection = await aio_pika.connect(AMQP_URL)
     try:
         yield connection
     finally:
@@ -72,7 +72,7 @@ async def amqp() -> AsyncIterator[AbstractRobustConnection]:
 
 
 @pytest.fixture
-async def channel(amqp: AbstractRobustConnection) -> AsyncIterator[AbstractChannel]:
+async def channel(amqp: AbstractConnection) -> AsyncIterator[AbstractChannel]:
     async with amqp.channel() as channel:
         yield channel
 

@@ -1,0 +1,306 @@
+"""The ingress: Jackpot's notifications in, confirmed messages out, 200 only once stored."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import ValidationError
+
+from ingress.openapi import openapi_document
+from ingress.spool import Spool, SpoolError
+from shared import envelope, metrics
+from shared.broker import Outgoing, Publisher, connection_name, declare_topology, send
+from shared.errors import BrokerUnavailable, InvalidKey
+from shared.keys import KeyRing
+from shared.models import Voucher
+from shared.publisher import ConfirmedPublisher
+from shared.settings import Settings
+from shared.topology import Names
+
+log = structlog.get_logger("ingress")
+
+NOTIFICATION_PATH = "/notifications/jackpot/reserve"
+# Jackpot's voucher JSON is well under 1 KiB; 64 KiB leaves room for extra fields, no more.
+MAX_BODY_BYTES = 64 * 1024
+# Jackpot retries a refused notification; a few seconds lets a reconnect or a spool drain happen.
+RETRY_AFTER_S = 5
+# How long to wait between attempts to declare the topology while the broker is away.
+DECLARE_RETRY_S = 2.0
+
+
+class ApiError(Exception):
+    """An answer other than 200, rendered by the error middleware as {"error", "detail"}."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        detail: object,
+        *,
+        outcome: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.outcome = outcome
+        self.headers = headers
+
+    def response(self) -> web.Response:
+        return web.json_response(
+            {"error": self.error, "detail": self.detail}, status=self.status, headers=self.headers
+        )
+
+
+@dataclass
+class Ingress:
+    """What the notification handler needs, built once per app."""
+
+    settings: Settings
+    names: Names
+    keys: KeyRing
+    publisher: Publisher
+    spool: Spool | None
+    declared: asyncio.Event
+
+
+INGRESS = web.AppKey("ingress", Ingress)
+
+
+def _field_errors(error: ValidationError) -> list[dict[str, str]]:
+    return [
+        {"field": ".".join(str(p) for p in problem["loc"]) or "body", "problem": problem["msg"]}
+        for problem in error.errors(include_url=False, include_input=False)
+    ]
+
+
+def parse_voucher(body: bytes) -> Voucher:
+    """Validate the raw bytes as a voucher; a 400 that names each bad field otherwise."""
+    try:
+        return Voucher.model_validate_json(body)
+    except ValidationError as error:
+        if any(p["type"] == "json_invalid" for p in error.errors()):
+            raise ApiError(
+                400, "invalid_json", "the body is not valid JSON", outcome="invalid"
+            ) from error
+        if any(p["type"] == "model_type" for p in error.errors()):
+            raise ApiError(
+                400, "invalid_voucher", "the body must be a JSON object", outcome="invalid"
+            ) from error
+        raise ApiError(400, "invalid_voucher", _field_errors(error), outcome="invalid") from error
+
+
+def build_message(names: Names, voucher: Voucher, body: bytes, headers: dict[str, Any]) -> Outgoing:
+    return Outgoing(
+        exchange=names.events,
+        routing_key=voucher.route,
+        body=body,
+        message_id=voucher.message_id,
+        correlation_id=str(voucher.id),
+        headers=headers,
+    )
+
+
+async def _store(ingress: Ingress, message: Outgoing) -> str:
+    """Publish with a confirm; while the broker cannot take it, spool it. Returns where it went."""
+    spool = ingress.spool
+    started = time.perf_counter()
+    try:
+        if spool is not None and spool.depth:
+            # Older notifications are still spooled: queue behind them to keep their order.
+            raise BrokerUnavailable("the spool is still draining")
+        await send(ingress.publisher, message)
+    except BrokerUnavailable as error:
+        if spool is None:
+            raise _unavailable(str(error)) from error
+        try:
+            await spool.append(message)
+        except SpoolError as refused:
+            raise _unavailable(f"{error}; {refused}") from refused
+        return "spooled"
+    metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+    return "accepted"
+
+
+def _unavailable(reason: str) -> ApiError:
+    return ApiError(
+        503,
+        "unavailable",
+        f"the notification was not stored ({reason}); retry later",
+        outcome="unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+async def receive_notification(request: web.Request) -> web.Response:
+    """POST /notifications/jackpot/reserve?notificationKey=K with the voucher JSON."""
+    started = time.perf_counter()
+    ingress = request.app[INGRESS]
+    outcome = "error"
+    voucher: Voucher | None = None
+    request_id: str | None = None
+    try:
+        if request.content_type != "application/json":
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type must be application/json, not {request.content_type!r}",
+                outcome="unsupported",
+            )
+        try:
+            claims = ingress.keys.verify(request.query.get("notificationKey"))
+        except InvalidKey as error:
+            raise ApiError(403, "forbidden", str(error), outcome="forbidden") from error
+        request_id = claims.request_id
+        length = request.content_length
+        if length is not None and length > MAX_BODY_BYTES:
+            raise _too_large()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as error:
+            raise _too_large() from error
+        voucher = parse_voucher(body)
+        headers = envelope.claim_headers(claims, int(time.time() * 1000))
+        outcome = await _store(ingress, build_message(ingress.names, voucher, body, headers))
+        return web.json_response({"status": outcome, "messageId": voucher.message_id})
+    except ApiError as error:
+        outcome = error.outcome
+        raise
+    finally:
+        duration_s = time.perf_counter() - started
+        metrics.INGRESS_REQUESTS.labels(outcome).inc()
+        metrics.INGRESS_SECONDS.observe(duration_s)
+        log.info(
+            "notification",
+            voucher_id=str(voucher.id) if voucher else None,
+            coupon_id=voucher.couponId if voucher else None,
+            state=str(voucher.state) if voucher else None,
+            doshii_request_id=request_id,
+            outcome=outcome,
+            duration_ms=round(duration_s * 1000, 3),
+        )
+
+
+def _too_large() -> ApiError:
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"the body must be at most {MAX_BODY_BYTES} bytes",
+        outcome="too_large",
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    if ingress.publisher.ready and ingress.declared.is_set():
+        if ingress.spool is not None and ingress.spool.depth:
+            return web.json_response({"status": "degraded", "spooled": ingress.spool.depth})
+        return web.json_response({"status": "ready"})
+    if ingress.spool is not None and ingress.spool.writable:
+        return web.json_response(
+            {"status": "degraded", "detail": "broker unavailable; spooling notifications"}
+        )
+    return web.json_response(
+        {"status": "unavailable", "detail": "no broker connection"}, status=503
+    )
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answer is JSON: {"error": "...", "detail": ...}."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error.response()
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        headers = {k: v for k, v in error.headers.items() if k.lower() != "content-type"}
+        slug = (error.reason or "error").lower().replace(" ", "_")
+        return web.json_response(
+            {"error": slug, "detail": error.text or error.reason},
+            status=error.status,
+            headers=headers,
+        )
+
+
+async def _declare_until_done(ingress: Ingress) -> None:
+    while True:
+        try:
+            await declare_topology(ingress.settings)
+        except (TimeoutError, OSError, ConnectionError) as error:
+            log.warning("topology_declare_failed", error=str(error), retry_in_s=DECLARE_RETRY_S)
+            await asyncio.sleep(DECLARE_RETRY_S)
+        else:
+            ingress.declared.set()
+            return
+
+
+async def _broker_context(app: web.Application) -> AsyncIterator[None]:
+    ingress = app[INGRESS]
+    declaring = asyncio.create_task(_declare_until_done(ingress))
+    await ingress.publisher.start()
+    if ingress.spool is not None:
+        await ingress.spool.start(ingress.publisher)
+    yield
+    declaring.cancel()
+    if ingress.spool is not None:
+        await ingress.spool.stop()
+    await ingress.publisher.close(ingress.settings.drain_timeout_s)
+
+
+def create_app(
+    settings: Settings, *, publisher: Publisher | None = None, spool: bool = True
+) -> web.Application:
+    """The ingress application; the same factory serves `bridge ingress`, tests and benchmarks."""
+    if publisher is None:
+        publisher = ConfirmedPublisher(
+            settings.amqp_url.get_secret_value(),
+            confirm_timeout_s=settings.publish_timeout_s,
+            connection_name=connection_name("ingress"),
+        )
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+    app[INGRESS] = Ingress(
+        settings=settings,
+        names=Names(settings.namespace),
+        keys=KeyRing(settings.key_secrets),
+        publisher=publisher,
+        spool=(
+            Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)
+            if spool and settings.spool_max_bytes
+            else None
+        ),
+        declared=asyncio.Event(),
+    )
+    app.cleanup_ctx.append(_broker_context)
+    app.router.add_post(NOTIFICATION_PATH, receive_notification)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/openapi.json", openapi)
+    return app

@@ -1,0 +1,164 @@
+"""`bridge`: the one command for the ingress, the workers, keys, dead letters and the sandboxes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from shared import logs
+from shared.errors import SettingsError
+from shared.settings import Settings, load_settings
+
+ROLES = ("reservations", "pdfs", "lifecycle", "doshii", "all")
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from error
+    logs.configure(settings.log_level, json=settings.log_json)
+    return settings
+
+
+def _ingress(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from ingress.app import create_app
+    from shared.service import run, start_site
+
+    async def main(stop: asyncio.Event) -> None:
+        runner, port = await start_site(
+            create_app(settings),
+            settings.http_host,
+            settings.http_port,
+            shutdown_timeout_s=settings.drain_timeout_s,
+        )
+        structlog.get_logger("ingress").info("listening", host=settings.http_host, port=port)
+        await stop.wait()
+        await runner.cleanup()
+
+    return run(main)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.service import run
+    from workers.main import serve_workers
+
+    return run(lambda stop: serve_workers(settings, args.role, stop, drain=args.drain))
+
+
+def _run_all(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.service import run
+    from workers.main import serve_everything
+
+    return run(lambda stop: serve_everything(settings, stop))
+
+
+def _mint(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.keys import KeyRing
+    from shared.models import KeyClaims
+
+    claims = KeyClaims(
+        location_id=args.location, request_id=args.request, amount_cents=args.amount_cents
+    )
+    print(KeyRing(settings.key_secrets).mint(claims))
+    return 0
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from shared.service import run
+    from workers import dlq
+
+    return run(lambda stop: dlq.command(settings, args))
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from sandbox.server import run_forever
+    from shared.service import run
+
+    logs.configure("info")
+
+    async def main(stop: asyncio.Event) -> None:
+        serving = asyncio.create_task(
+            run_forever(
+                args.host,
+                args.jackpot_port,
+                args.doshii_port,
+                args.jackpot_api_key,
+                args.doshii_client_id,
+                args.doshii_client_secret,
+            )
+        )
+        await stop.wait()
+        serving.cancel()
+
+    return run(main)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="bridge", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("ingress", help="serve Jackpot's notifications").set_defaults(func=_ingress)
+
+    worker = commands.add_parser("worker", help="consume one stage's queue, or all of them")
+    worker.add_argument("role", choices=ROLES)
+    worker.add_argument(
+        "--drain", action="store_true", help="process until the queues are empty, then exit"
+    )
+    worker.set_defaults(func=_worker)
+
+    commands.add_parser("run", help="the ingress and every worker in one process").set_defaults(
+        func=_run_all
+    )
+
+    key = commands.add_parser("key", help="notificationKeys")
+    key_commands = key.add_subparsers(dest="key_command", required=True)
+    mint = key_commands.add_parser("mint", help="print a key for a Doshii activation request")
+    mint.add_argument("--location", required=True, help="Doshii location id")
+    mint.add_argument("--request", required=True, help="Doshii activation request id")
+    mint.add_argument("--amount-cents", required=True, type=int, help="requested amount in cents")
+    mint.set_defaults(func=_mint)
+
+    dlq = commands.add_parser("dlq", help="dead letters: list, replay, purge")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_commands.add_parser("list", help="show every dead letter with its reason").set_defaults(
+        func=_dlq
+    )
+    replay = dlq_commands.add_parser("replay", help="send dead letters back to their queue")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    which.add_argument("id", nargs="?", help="a message id (<voucherId>:<state>) from `dlq list`")
+    replay.set_defaults(func=_dlq)
+    purge = dlq_commands.add_parser("purge", help="delete every dead letter")
+    purge.add_argument("--yes", action="store_true", help="do not ask")
+    purge.set_defaults(func=_dlq)
+
+    sandbox = commands.add_parser("sandbox", help="serve the Jackpot and Doshii sandboxes")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--jackpot-port", type=int, default=8091)
+    sandbox.add_argument("--doshii-port", type=int, default=8092)
+    sandbox.add_argument("--jackpot-api-key", default="sandbox-jackpot-key")
+    sandbox.add_argument("--doshii-client-id", default="sandbox-client")
+    sandbox.add_argument("--doshii-client-secret", default="sandbox-doshii-secret")
+    sandbox.set_defaults(func=_sandbox)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

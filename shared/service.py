@@ -1,0 +1,43 @@
+"""Running a long-lived service: uvloop, SIGTERM/SIGINT to a stop event, HTTP sites."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency; kept optional for other platforms
+    uvloop = None  # type: ignore[assignment]
+
+
+def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
+    """Run `main(stop)` on uvloop; SIGTERM and SIGINT set `stop`, and main returns when done."""
+
+    async def wrapper() -> int | None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        return await main(stop)
+
+    factory = uvloop.new_event_loop if uvloop is not None else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(wrapper()) or 0
+
+
+async def start_site(
+    app: web.Application, host: str, port: int, *, shutdown_timeout_s: float
+) -> tuple[web.AppRunner, int]:
+    """Serve `app`; returns its runner (cleanup() stops accepting, drains, closes) and its port."""
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    return runner, int(runner.addresses[0][1])

@@ -1,0 +1,286 @@
+"""The shared runner on the real broker: acks, retries, delay tiers, dead letters, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from shared import envelope
+from shared.broker import Outgoing
+from shared.errors import PermanentError, TransientError
+from shared.models import Route
+from shared.settings import Settings
+from shared.topology import Names, Stage
+from tests.conftest import AMQP_URL
+from tests.support.tcpproxy import TcpProxy
+from workers import dlq
+from workers.runner import QUICK_RETRY_AFTER_MAX_S, Incoming, Outcome, Runner, choose_tier
+
+
+async def publish(
+    channel: AbstractChannel, names: Names, route: Route, body: bytes, mid: str
+) -> None:
+    exchange = await channel.get_exchange(names.events, ensure=False)
+    headers = {envelope.LOCATION: "loc", envelope.REQUEST: "req", envelope.AMOUNT_CENTS: 100}
+    await exchange.publish(
+        aio_pika.Message(body, message_id=mid, headers=headers, delivery_mode=2), routing_key=route
+    )
+
+
+async def depth(channel: AbstractChannel, queue: str) -> int:
+    declared = await channel.declare_queue(queue, passive=True)
+    return declared.declaration_result.message_count or 0
+
+
+async def drain(runner: Runner, timeout_s: float = 30.0) -> None:
+    await asyncio.wait_for(runner.run(asyncio.Event(), drain=True), timeout_s)
+
+
+def test_choose_tier() -> None:
+    tiers = [10, 60, 300]
+    assert choose_tier(tiers, 0, None) == 10
+    assert choose_tier(tiers, 1, None) == 60
+    assert choose_tier(tiers, 3, None) is None
+    assert choose_tier(tiers, 0, 45) == 60  # a partner's Retry-After picks a long enough tier
+    assert choose_tier(tiers, 0, 9999) == 300
+
+
+async def test_done_messages_are_acked_and_emitted_messages_confirmed(
+    settings: Settings, broker: Names, channel: AbstractChannel
+) -> None:
+    seen: list[bytes] = []
+
+    async def handle(message: Incoming) -> Outcome:
+        seen.append(message.body)
+        emitted = Outgoing(broker.events, Route.DOSHII, b"follow-up:" + message.body, "f")
+        return Outcome(emit=[emitted])
+
+    for i in range(20):
+        await publish(channel, broker, Route.RESERVED, f"m{i}".encode(), f"id{i}")
+    await drain(Runner(settings, {Stage.RESERVATIONS: handle}))
+    assert sorted(seen) == sorted(f"m{i}".encode() for i in range(20))
+    assert await depth(channel, broker.queue(Stage.RESERVATIONS)) == 0
+    assert await depth(channel, broker.queue(Stage.DOSHII)) == 20
+
+
+async def test_transient_errors_retry_quickly_then_through_delay_tiers_then_dead(
+    make_settings: Callable[..., Settings], broker: Names, channel: AbstractChannel
+) -> None:
+    settings = make_settings(quick_retries=2)
+    calls: Counter[int] = Counter()
+
+    async def handle(message: Incoming) -> Outcome:
+        calls[message.attempt] += 1
+        raise TransientError("partner down")
+
+    await publish(channel, broker, Route.RESERVED, b"{}", "v1:RESERVED")
+    await drain(Runner(settings, {Stage.RESERVATIONS: handle}))
+    # Two quick tries per delivery: the first, then one after each of the two tiers (1 s, 2 s).
+    assert calls == {0: 2, 1: 2, 2: 2}
+    letters = await dlq.list_dead(settings)
+    assert len(letters) == 1
+    letter = letters[0]
+    assert letter.message_id == "v1:RESERVED"
+    assert letter.reason == "gave up after 3 attempts: partner down"
+    assert letter.stage == "reservations"
+    assert letter.attempts == 3
+    assert letter.first_failure <= letter.last_failure
+    # Listing does not consume.
+    assert len(await dlq.list_dead(settings)) == 1
+
+
+async def test_transient_then_success_is_done_without_dead_letter(
+    settings: Settings, broker: Names, channel: AbstractChannel
+) -> None:
+    failures = iter([TransientError("blip"), TransientError("blip")])
+
+    async def handle(message: Incoming) -> Outcome:
+        error = next(failures, None)
+        if error:
+            raise error
+        return Outcome()
+
+    await publish(channel, broker, Route.RESERVED, b"{}", "x")
+    await drain(Runner(settings, {Stage.RESERVATIONS: handle}))
+    assert await depth(channel, broker.dead) == 0
+    assert await depth(channel, broker.queue(Stage.RESERVATIONS)) == 0
+
+
+async def test_long_retry_after_goes_to_a_tier_instead_of_holding_the_message(
+    settings: Settings, broker: Names, channel: AbstractChannel
+) -> None:
+    attempts: list[int] = []
+
+    async def handle(message: Incoming) -> Outcome:
+        attempts.append(message.attempt)
+        if message.attempt == 0:
+            raise TransientError("slow down", retry_after_s=QUICK_RETRY_AFTER_MAX_S + 1)
+        return Outcome()
+
+    await publish(channel, broker, Route.RESERVED, b"{}", "x")
+    await drain(Runner(settings, {Stage.RESERVATIONS: handle}))
+    # A Retry-After longer than a quick retry may wait: one call, then straight to a tier.
+    assert attempts == [0, 1]
+
+
+async def test_permanent_and_unexpected_errors_are_dead_lettered_at_once_and_replayable(
+    settings: Settings, broker: Names, channel: AbstractChannel
+) -> None:
+    fixed = False
+
+    async def handle(message: Incoming) -> Outcome:
+        if fixed:
+            return Outcome()
+        if message.body == b"bad":
+            raise PermanentError("amount does not match")
+        raise KeyError("bug")
+
+    await publish(channel, broker, Route.READY, b"bad", "a:READY")
+    await publish(channel, broker, Route.READY, b"crash", "b:READY")
+    await drain(Runner(settings, {Stage.PDFS: handle}))
+    letters = {letter.message_id: letter for letter in await dlq.list_dead(settings)}
+    assert letters["a:READY"].reason == "amount does not match"
+    assert letters["a:READY"].attempts == 1
+    assert letters["b:READY"].reason.startswith("unexpected error: KeyError")
+
+    fixed = True
+    assert await dlq.replay(settings, "a:READY") == 1
+    assert [letter.message_id for letter in await dlq.list_dead(settings)] == ["b:READY"]
+    await drain(Runner(settings, {Stage.PDFS: handle}))
+    assert await dlq.replay(settings, None) == 1
+    await drain(Runner(settings, {Stage.PDFS: handle}))
+    assert await dlq.list_dead(settings) == []
+    assert await depth(channel, broker.queue(Stage.PDFS)) == 0
+
+
+async def test_purge_empties_the_dead_queue(
+    settings: Settings, broker: Names, channel: AbstractChannel
+) -> None:
+    async def handle(message: Incoming) -> Outcome:
+        raise PermanentError("no")
+
+    await publish(channel, broker, Route.READY, b"x", "x")
+    await drain(Runner(settings, {Stage.PDFS: handle}))
+    assert await dlq.purge(settings) == 1
+    assert await dlq.list_dead(settings) == []
+
+
+async def test_rejected_is_acked_not_dead_lettered(
+    settings: Settings, broker: Names, channel: AbstractChannel
+) -> None:
+    async def handle(message: Incoming) -> Outcome:
+        return Outcome("rejected", detail="amount mismatch")
+
+    await publish(channel, broker, Route.RESERVED, b"x", "x")
+    await drain(Runner(settings, {Stage.RESERVATIONS: handle}))
+    assert await depth(channel, broker.dead) == 0
+    assert await depth(channel, broker.queue(Stage.RESERVATIONS)) == 0
+
+
+async def test_consumers_come_back_after_a_lost_connection(
+    make_settings: Callable[..., Settings], broker: Names, channel: AbstractChannel
+) -> None:
+    target = urlsplit(AMQP_URL)
+    handled: list[str | None] = []
+    got_one = asyncio.Event()
+
+    async def handle(message: Incoming) -> Outcome:
+        handled.append(message.message_id)
+        got_one.set()
+        return Outcome()
+
+    async with TcpProxy(target.hostname or "127.0.0.1", target.port or 5672) as proxy:
+        settings = make_settings(amqp_url=proxy.amqp_url())
+        runner = Runner(settings, {Stage.LIFECYCLE: handle})
+        stop = asyncio.Event()
+        running = asyncio.create_task(runner.run(stop))
+        await asyncio.wait_for(runner.connected.wait(), 10)
+        await publish(channel, broker, Route.LIFECYCLE, b"1", "before")
+        await asyncio.wait_for(got_one.wait(), 10)
+
+        await proxy.cut()
+        for i in range(10):
+            await publish(channel, broker, Route.LIFECYCLE, b"x", f"during-{i}")
+        await proxy.restore()
+        await asyncio.wait_for(runner.connected.wait(), 15)
+        queue = broker.queue(Stage.LIFECYCLE)
+
+        async def drained() -> None:
+            while len(handled) < 11:  # noqa: ASYNC110 - the handler list is the observable
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(drained(), 20)
+        declared = await channel.declare_queue(queue, passive=True)
+        assert declared.declaration_result.consumer_count == 1
+        assert await depth(channel, queue) == 0
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    assert sorted(h for h in handled if h and h.startswith("during")) == sorted(
+        f"during-{i}" for i in range(10)
+    )
+
+
+async def test_stop_finishes_in_flight_work_before_closing(
+    settings: Settings, broker: Names, channel: AbstractChannel
+) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    finished: list[str | None] = []
+
+    async def handle(message: Incoming) -> Outcome:
+        started.set()
+        await release.wait()
+        finished.append(message.message_id)
+        return Outcome()
+
+    runner = Runner(settings, {Stage.DOSHII: handle})
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(stop))
+    await publish(channel, broker, Route.DOSHII, b"{}", "slow")
+    await asyncio.wait_for(started.wait(), 10)
+    stop.set()
+    await asyncio.sleep(0)
+    assert not running.done()
+    release.set()
+    await asyncio.wait_for(running, 10)
+    assert finished == ["slow"]
+    assert await depth(channel, broker.queue(Stage.DOSHII)) == 0
+
+
+@pytest.mark.parametrize("limit", [2])
+async def test_a_message_that_kills_the_worker_every_time_reaches_the_dead_queue(
+    make_settings: Callable[..., Settings], namespace: str, channel: AbstractChannel, limit: int
+) -> None:
+    # The broker's x-delivery-limit dead-letters it; the runner never sees a clean failure.
+    from shared import topology
+
+    settings = make_settings(delivery_limit=limit)
+    names = await topology.declare(
+        channel, namespace, tiers_s=settings.retry_tiers_s, delivery_limit=limit
+    )
+    try:
+        await publish(channel, names, Route.READY, b"poison", "p:READY")
+        queue = await channel.get_queue(names.queue(Stage.PDFS), ensure=False)
+        for _ in range(limit + 1):
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            await message.nack(requeue=True)  # what a crashed consumer's channel does
+
+        async def dead_arrives() -> None:
+            while await depth(channel, names.dead) == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(dead_arrives(), 10)
+        letters = await dlq.list_dead(settings)
+        assert [letter.message_id for letter in letters] == ["p:READY"]
+        assert letters[0].queue == names.queue(Stage.PDFS)
+        assert "delivery_limit" in letters[0].reason
+    finally:
+        await topology.delete(channel, namespace, tiers_s=settings.retry_tiers_s)

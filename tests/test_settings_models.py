@@ -1,0 +1,131 @@
+"""Settings fail at start naming the variable; the voucher model keeps what Jackpot sends."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from shared.errors import PermanentError, SettingsError
+from shared.models import Route, Voucher, VoucherState, value_to_cents
+from shared.settings import PdfOrigin, load_settings
+from tests.support.vouchers import encode, voucher
+
+REQUIRED = {
+    "BRIDGE_KEY_SECRETS": "a-secret-of-enough-length",
+    "BRIDGE_JACKPOT_API_KEY": "k",
+    "BRIDGE_DOSHII_CLIENT_ID": "c",
+    "BRIDGE_DOSHII_CLIENT_SECRET": "s",
+}
+
+
+def test_missing_variables_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in REQUIRED:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    for name in REQUIRED:
+        assert f"{name}: is missing" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BRIDGE_HTTP_PORT", "eighty"),
+        ("BRIDGE_AMQP_URL", "http://broker"),
+        ("BRIDGE_JACKPOT_CONFIRM", "maybe"),
+        ("BRIDGE_PDF_HOSTS", "http://no-port.example"),
+        ("BRIDGE_KEY_SECRETS", "short"),
+        ("BRIDGE_NAMESPACE", "bad name!"),
+        ("BRIDGE_VALUE_TO_CENTS", "0"),
+    ],
+)
+def test_bad_value_is_named(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    for name, good in REQUIRED.items():
+        monkeypatch.setenv(name, good)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable):
+        load_settings()
+
+
+def test_process_exits_with_the_message() -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "ingress"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "BRIDGE_KEY_SECRETS: is missing" in result.stderr
+
+
+def test_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, good in REQUIRED.items():
+        monkeypatch.setenv(name, good)
+    monkeypatch.setenv("BRIDGE_KEY_SECRETS", "first-secret-0123456789, second-secret-0123456789")
+    monkeypatch.setenv(
+        "BRIDGE_PDF_HOSTS", "cdn.example, https://s3.example:8443,http://127.0.0.1:81"
+    )
+    settings = load_settings()
+    assert [s.get_secret_value() for s in settings.key_secrets] == [
+        "first-secret-0123456789",
+        "second-secret-0123456789",
+    ]
+    assert settings.pdf_hosts == [
+        PdfOrigin(("https", "cdn.example", 443)),
+        PdfOrigin(("https", "s3.example", 8443)),
+        PdfOrigin(("http", "127.0.0.1", 81)),
+    ]
+    assert "first-secret" not in repr(settings)
+
+
+def test_documented_example_parses_with_every_field() -> None:
+    body = voucher("READY")
+    parsed = Voucher.model_validate_json(encode(body))
+    assert parsed.state is VoucherState.READY
+    assert parsed.value == Decimal(110)
+    assert parsed.validityDate.year == 2018
+    assert parsed.signedUrl == body["signedUrl"]
+    assert parsed.sendDate is not None
+    assert parsed.route is Route.READY
+
+
+def test_extra_fields_are_kept_and_unknown_state_accepted() -> None:
+    parsed = Voucher.model_validate_json(encode(voucher("ON_HOLD", giftMessage="hi")))
+    assert parsed.state == "ON_HOLD"
+    assert not isinstance(parsed.state, VoucherState)
+    assert parsed.route is Route.LIFECYCLE
+    assert parsed.model_extra == {"giftMessage": "hi"}
+
+
+@pytest.mark.parametrize("state", list(VoucherState))
+def test_every_known_state_parses_as_enum(state: VoucherState) -> None:
+    assert Voucher.model_validate_json(encode(voucher(str(state)))).state is state
+
+
+def test_naive_dates_and_huge_values_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        Voucher.model_validate_json(encode(voucher(validityDate="2018-01-31T00:00:00")))
+    with pytest.raises(ValidationError):
+        Voucher.model_validate_json(b'{"value": 1e400}' + encode(voucher())[1:])
+
+
+@given(st.decimals(min_value=0, max_value=10**6, places=2))
+def test_value_to_cents_whole_cents(value: Decimal) -> None:
+    assert value_to_cents(value, 100) == int(value * 100)
+
+
+def test_fraction_of_a_cent_is_permanent() -> None:
+    with pytest.raises(PermanentError):
+        value_to_cents(Decimal("1.005"), 100)
+
+
+@given(st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=5))
+def test_random_objects_never_crash_the_parser(extra: dict[str, str]) -> None:
+    with contextlib.suppress(ValidationError):
+        Voucher.model_validate_json(json.dumps(extra))

@@ -1,0 +1,443 @@
+"""The runner every worker shares: consume, retry, delay, dead-letter, reconnect, drain, shut down.
+
+A worker is `async def handle(message: Incoming) -> Outcome`. The runner acks a message only
+after the handler's effect is done and every message the outcome emits is confirmed by the
+broker. Transient errors get a few quick in-process retries (tenacity), then the message is
+republished to a delay tier (TTL queue) with its attempt count and acked: nothing holds a
+message while waiting out a delay. Permanent errors, unexpected exceptions and messages past
+their last tier go to `<ns>.dead` with the reason, stage, attempts and failure times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from pamqp.exceptions import AMQPFrameError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+from tenacity.stop import stop_base
+
+from shared import envelope, metrics, topology
+from shared.broker import Outgoing, connection_name
+from shared.errors import PermanentError, TransientError
+from shared.settings import Settings
+from shared.topology import Names, Stage
+
+log = structlog.get_logger("runner")
+
+# Quick retries stay within a few seconds so a message is never held for long.
+QUICK_RETRY_BUDGET_S = 5.0
+QUICK_WAIT_MAX_S = 2.0
+# A Retry-After longer than this is waited out in a delay tier, not in process.
+QUICK_RETRY_AFTER_MAX_S = 3.0
+RECONNECT_MAX_DELAY_S = 5.0
+# Drain mode calls the queues empty after this many consecutive empty looks, this far apart.
+DRAIN_CHECKS = 3
+DRAIN_CHECK_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A decoded delivery as a handler sees it."""
+
+    body: bytes
+    headers: Mapping[str, Any]
+    message_id: str | None
+    correlation_id: str | None
+    stage: Stage
+    attempt: int  # delay tiers already waited out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a handler did: `done` or `rejected` (a business refusal), and what to publish."""
+
+    result: str = "done"
+    emit: Sequence[Outgoing] = ()
+    detail: str | None = None
+
+
+Handler = Callable[[Incoming], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What happened to one delivery, before it is settled with the broker."""
+
+    kind: str  # done, rejected, retried or dead
+    detail: str | None = None
+    emit: Sequence[Outgoing] = ()
+    retry_after_s: float | None = None
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+_QUICK_WAIT = wait_exponential_jitter(multiplier=0.1, max=QUICK_WAIT_MAX_S, jitter=0.1)
+
+
+def _wait(state: RetryCallState) -> float:
+    error = state.outcome.exception() if state.outcome else None
+    if isinstance(error, TransientError) and error.retry_after_s is not None:
+        return error.retry_after_s
+    return float(_QUICK_WAIT(state))
+
+
+class _long_retry_after(stop_base):
+    """Stop quick retries when the partner asks for a longer wait than we hold a message for."""
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome else None
+        return (
+            isinstance(error, TransientError)
+            and error.retry_after_s is not None
+            and error.retry_after_s > QUICK_RETRY_AFTER_MAX_S
+        )
+
+
+def choose_tier(tiers_s: Sequence[int], attempt: int, retry_after_s: float | None) -> int | None:
+    """The delay tier for a message that has waited out `attempt` tiers; None when none is left."""
+    if attempt >= len(tiers_s):
+        return None
+    for delay_s in tiers_s[attempt:]:
+        if retry_after_s is None or delay_s >= retry_after_s:
+            return delay_s
+    return tiers_s[-1]
+
+
+@dataclass
+class StageRunner:
+    """Consumes one stage's queue with one handler."""
+
+    stage: Stage
+    handler: Handler
+    settings: Settings
+    names: Names
+    in_flight: set[asyncio.Task[None]] = field(default_factory=set)
+    channel: AbstractChannel | None = None
+
+    @property
+    def queue(self) -> str:
+        return self.names.queue(self.stage)
+
+    async def attach(self, connection: AbstractConnection) -> None:
+        """Open a channel with confirms, set the prefetch, and start consuming."""
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        queue = await channel.get_queue(self.queue, ensure=False)
+        self.channel = channel
+        self.semaphore = asyncio.Semaphore(self.settings.concurrency)
+        self.consumer_tag = await queue.consume(self._on_message, consumer_tag=self._tag())
+
+    def _tag(self) -> str:
+        return f"{connection_name(self.stage)} {id(self):x}"
+
+    async def detach(self) -> None:
+        """Stop taking new messages (in-flight ones keep going)."""
+        channel = self.channel
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(AMQPError, ChannelInvalidStateError, RuntimeError):
+                queue = await channel.get_queue(self.queue, ensure=False)
+                await queue.cancel(self.consumer_tag)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.in_flight.add(task)
+        try:
+            async with self.semaphore:
+                await self.process(message)
+        finally:
+            self.in_flight.discard(task)
+
+    async def process(self, message: AbstractIncomingMessage) -> None:
+        headers = dict(message.headers or {})
+        incoming = Incoming(
+            body=message.body,
+            headers=headers,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            stage=self.stage,
+            attempt=envelope.attempt_of(headers),
+        )
+        context = {
+            "stage": str(self.stage),
+            "message_id": message.message_id,
+            "voucher_id": message.correlation_id,
+            "doshii_request_id": headers.get(envelope.REQUEST),
+            "attempt": incoming.attempt,
+        }
+        started = time.perf_counter()
+        received = envelope.received_at(headers)
+        if received is not None:
+            age_s = (datetime.now(UTC) - received).total_seconds()
+            metrics.OLDEST_MESSAGE_AGE.labels(self.stage).set(age_s)
+        try:
+            with structlog.contextvars.bound_contextvars(**context):
+                result = await self._handle(incoming)
+                kind = await self._settle(message, incoming, result)
+                metrics.STAGE_MESSAGES.labels(self.stage, kind).inc()
+                log.log(
+                    logging.WARNING if kind in ("dead", "rejected") else logging.INFO,
+                    "message",
+                    outcome=kind,
+                    detail=result.detail,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                )
+        except (AMQPError, ChannelInvalidStateError, ConnectionError, AMQPFrameError) as error:
+            # The broker did not take the follow-up or the ack: leave the message unacked; it
+            # is redelivered when the channel is back, and its effect is idempotent.
+            log.warning("settle_failed", error=f"{type(error).__name__}: {error}", **context)
+        finally:
+            metrics.STAGE_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
+
+    async def _handle(self, incoming: Incoming) -> Result:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=(
+                stop_after_attempt(self.settings.quick_retries)
+                | stop_after_delay(QUICK_RETRY_BUDGET_S)
+                | _long_retry_after()
+            ),
+            wait=_wait,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    outcome = await self.handler(incoming)
+        except TransientError as error:
+            return Result("retried", str(error), retry_after_s=error.retry_after_s)
+        except PermanentError as error:
+            return Result("dead", str(error))
+        except Exception as error:
+            log.exception("handler_crashed")
+            return Result("dead", f"unexpected error: {type(error).__name__}: {error}")
+        return Result(outcome.result, outcome.detail, emit=outcome.emit)
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, incoming: Incoming, result: Result
+    ) -> str:
+        """Publish what the result calls for, confirmed, then ack; returns the final outcome."""
+        kind = result.kind
+        if kind == "retried":
+            tiers = self.settings.retry_tiers_s
+            delay_s = choose_tier(tiers, incoming.attempt, result.retry_after_s)
+            if delay_s is None:
+                kind = "dead"
+                reason = f"gave up after {incoming.attempt + 1} attempts: {result.detail}"
+                await self._dead_letter(message, incoming, reason)
+            else:
+                await self._delay(message, incoming, delay_s, result.detail or "")
+        elif kind == "dead":
+            await self._dead_letter(message, incoming, result.detail or "")
+        else:
+            for outgoing in result.emit:
+                await self.publish(outgoing)
+        await message.ack()
+        return kind
+
+    def _failure_headers(
+        self, message: AbstractIncomingMessage, incoming: Incoming, reason: str
+    ) -> dict[str, Any]:
+        now = _now_iso()
+        headers = dict(incoming.headers)
+        headers.setdefault(envelope.FIRST_FAILURE, now)
+        headers[envelope.LAST_FAILURE] = now
+        headers[envelope.REASON] = reason[:1000]
+        headers[envelope.STAGE] = str(self.stage)
+        headers[envelope.QUEUE] = self.queue
+        return headers
+
+    async def _delay(
+        self, message: AbstractIncomingMessage, incoming: Incoming, delay_s: int, reason: str
+    ) -> None:
+        headers = self._failure_headers(message, incoming, reason)
+        headers[envelope.ATTEMPT] = incoming.attempt + 1
+        headers[topology.TIER_HEADER] = f"{delay_s}s"
+        await self._republish(message, self.names.delay, self.queue, headers)
+        log.info("delayed", delay_s=delay_s, reason=reason)
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, incoming: Incoming, reason: str
+    ) -> None:
+        headers = self._failure_headers(message, incoming, reason)
+        headers[envelope.ATTEMPT] = incoming.attempt + 1
+        await self._republish(message, self.names.dead, self.queue, headers)
+        log.warning("dead_lettered", reason=reason)
+
+    async def _republish(
+        self,
+        message: AbstractIncomingMessage,
+        exchange: str,
+        routing_key: str,
+        headers: dict[str, Any],
+    ) -> None:
+        await self.publish(
+            Outgoing(
+                exchange=exchange,
+                routing_key=routing_key,
+                body=message.body,
+                message_id=message.message_id or "",
+                correlation_id=message.correlation_id,
+                headers=headers,
+            ),
+            content_type=message.content_type,
+        )
+
+    async def publish(self, outgoing: Outgoing, content_type: str | None = None) -> None:
+        """Publish persistent and mandatory; returns only once the broker confirmed."""
+        assert self.channel is not None
+        exchange = await self.channel.get_exchange(outgoing.exchange, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                outgoing.body,
+                headers=dict(outgoing.headers),
+                message_id=outgoing.message_id,
+                correlation_id=outgoing.correlation_id,
+                content_type=content_type or "application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                timestamp=outgoing.timestamp,
+            ),
+            routing_key=outgoing.routing_key,
+            mandatory=True,
+        )
+
+
+class Runner:
+    """Runs stage runners on one connection, reconnecting with consumers back after a loss."""
+
+    def __init__(
+        self, settings: Settings, handlers: Mapping[Stage, Handler], *, role: str = "worker"
+    ) -> None:
+        self.settings = settings
+        self.names = Names(settings.namespace)
+        self.role = role
+        self.stages = [StageRunner(s, h, settings, self.names) for s, h in handlers.items()]
+        self.connected = asyncio.Event()
+        self.connection: AbstractConnection | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.connection is not None and not self.connection.is_closed
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(s.in_flight) for s in self.stages)
+
+    async def _connect(self) -> AbstractConnection:
+        connection = await aio_pika.connect(
+            self.settings.amqp_url.get_secret_value(),
+            client_properties={"connection_name": connection_name(self.role)},
+        )
+        async with connection.channel() as channel:
+            await topology.declare(
+                channel,
+                self.settings.namespace,
+                tiers_s=self.settings.retry_tiers_s,
+                delivery_limit=self.settings.delivery_limit,
+            )
+        for stage in self.stages:
+            await stage.attach(connection)
+        return connection
+
+    async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
+        """Consume until `stop` is set (or, with drain, until the queues are empty)."""
+        delay_s = 0.1
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                try:
+                    connection = await self._connect()
+                except (TimeoutError, AMQPError, OSError, ConnectionError) as error:
+                    log.warning("broker_connect_failed", error=str(error), retry_in_s=delay_s)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(stopping), delay_s)
+                    delay_s = min(delay_s * 2, RECONNECT_MAX_DELAY_S)
+                    continue
+                delay_s = 0.1
+                self.connection = connection
+                self.connected.set()
+                log.info("consuming", stages=[str(s.stage) for s in self.stages])
+                closed = asyncio.ensure_future(self._closed(connection))
+                waiters: list[asyncio.Future[Any]] = [stopping, closed]
+                if drain:
+                    waiters.append(asyncio.ensure_future(self._until_drained(connection)))
+                done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in pending:
+                    if waiter is not stopping:
+                        waiter.cancel()
+                self.connected.clear()
+                if closed in done:
+                    log.warning("broker_connection_lost", retry_in_s=delay_s)
+                    await self._abandon_in_flight()
+                    continue
+                await self._shutdown(connection)
+                return
+        finally:
+            stopping.cancel()
+
+    async def _closed(self, connection: AbstractConnection) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def closed(*_: Any) -> None:
+            if not future.done():
+                future.set_result(None)
+
+        connection.close_callbacks.add(closed)
+        if connection.is_closed:
+            closed()
+        await future
+
+    async def _until_drained(self, connection: AbstractConnection) -> None:
+        queues = [self.names.queue(s.stage) for s in self.stages]
+        queues += [self.names.tier_queue(t) for t in self.settings.retry_tiers_s]
+        empty_looks = 0
+        async with connection.channel() as channel:
+            while empty_looks < DRAIN_CHECKS:
+                await asyncio.sleep(DRAIN_CHECK_INTERVAL_S)
+                counts = [
+                    (await channel.declare_queue(q, passive=True)).declaration_result.message_count
+                    for q in queues
+                ]
+                empty = not any(counts) and self.in_flight == 0
+                empty_looks = empty_looks + 1 if empty else 0
+
+    async def _abandon_in_flight(self) -> None:
+        # Their acks cannot reach the broker any more; the broker redelivers them.
+        for stage in self.stages:
+            for task in list(stage.in_flight):
+                task.cancel()
+        await asyncio.gather(*(t for s in self.stages for t in s.in_flight), return_exceptions=True)
+
+    async def _shutdown(self, connection: AbstractConnection) -> None:
+        """Stop consuming, let in-flight messages finish (bounded), then close."""
+        for stage in self.stages:
+            await stage.detach()
+        tasks = [t for s in self.stages for t in s.in_flight]
+        if tasks:
+            log.info("draining_in_flight", count=len(tasks))
+            _, late = await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+            for task in late:
+                task.cancel()
+        await connection.close()
+        log.info("stopped")
