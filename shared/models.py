@@ -8,13 +8,43 @@ from enum import StrEnum
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
 from shared.errors import PermanentError
 
 # Money fields are bounded so that a hostile `1e400` is a clear 400, not an overflow later.
 MAX_VALUE = Decimal(10**9)
-Money = Annotated[Decimal, Field(ge=0, le=MAX_VALUE, allow_inf_nan=False)]
+
+
+def _json_number(value: object) -> object:
+    if isinstance(value, str | bool):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def _json_string(value: object) -> object:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time string")
+    return value
+
+
+# Dates are ISO 8601 strings with an offset, as Jackpot sends them; no epoch numbers.
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_json_string)]
+
+Money = Annotated[
+    Decimal,
+    BeforeValidator(_json_number),
+    Field(ge=0, le=MAX_VALUE, allow_inf_nan=False),
+    WithJsonSchema({"type": "number", "minimum": 0, "maximum": int(MAX_VALUE)}),
+]
 Text = Annotated[str, Field(min_length=1, max_length=128)]
 # A signed S3-style link carries a long query string; 8 KiB is far beyond any real one.
 SIGNED_URL_MAX_CHARS = 8192
@@ -53,13 +83,13 @@ class Voucher(BaseModel):
     state: VoucherState | Annotated[str, Field(min_length=1, max_length=64)]
     value: Money
     price: Money
-    reservationDate: AwareDatetime
-    validityDate: AwareDatetime
-    resaExpireDate: AwareDatetime
+    reservationDate: Timestamp
+    validityDate: Timestamp
+    resaExpireDate: Timestamp
     couponId: Text
     signedUrl: Annotated[str, Field(max_length=SIGNED_URL_MAX_CHARS)] | None = None
-    confirmDate: AwareDatetime | None = None
-    sendDate: AwareDatetime | None = None
+    confirmDate: Timestamp | None = None
+    sendDate: Timestamp | None = None
 
     @field_validator("state", mode="before")
     @classmethod
