@@ -106,7 +106,7 @@ class Spool:
         try:
             await asyncio.to_thread(self._open)
             self.writable = True
-        except OSError as error:
+        except (OSError, SpoolError) as error:
             log.error("spool_unwritable", folder=str(self.folder), error=str(error))
         if self._entries:
             log.warning("spool_found", depth=self.depth, folder=str(self.folder))
