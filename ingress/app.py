@@ -33,6 +33,7 @@ MAX_BODY_BYTES = 64 * 1024
 RETRY_AFTER_S = 5
 # How long to wait between attempts to declare the topology while the broker is away.
 DECLARE_RETRY_S = 2.0
+HEARTBEAT_S = 10
 
 
 class ApiError(Exception):
@@ -283,6 +284,8 @@ def create_app(
             settings.amqp_url.get_secret_value(),
             confirm_timeout_s=settings.publish_timeout_s,
             connection_name=connection_name("ingress"),
+            # A dead connection shows within two intervals; the default 30 s is too slow here.
+            heartbeat_s=HEARTBEAT_S,
         )
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
     app[INGRESS] = Ingress(
