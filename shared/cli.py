@@ -9,6 +9,11 @@ from collections.abc import Sequence
 
 import structlog
 
+from sandbox.server import (
+    DEFAULT_DOSHII_CLIENT_ID,
+    DEFAULT_DOSHII_CLIENT_SECRET,
+    DEFAULT_JACKPOT_API_KEY,
+)
 from shared import logs
 from shared.errors import SettingsError
 from shared.settings import Settings, load_settings
@@ -147,9 +152,9 @@ def parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--jackpot-port", type=int, default=8091)
     sandbox.add_argument("--doshii-port", type=int, default=8092)
-    sandbox.add_argument("--jackpot-api-key", default="sandbox-jackpot-key")
-    sandbox.add_argument("--doshii-client-id", default="sandbox-client")
-    sandbox.add_argument("--doshii-client-secret", default="sandbox-doshii-secret")
+    sandbox.add_argument("--jackpot-api-key", default=DEFAULT_JACKPOT_API_KEY)
+    sandbox.add_argument("--doshii-client-id", default=DEFAULT_DOSHII_CLIENT_ID)
+    sandbox.add_argument("--doshii-client-secret", default=DEFAULT_DOSHII_CLIENT_SECRET)
     sandbox.set_defaults(func=_sandbox)
     return top
 

@@ -40,7 +40,7 @@ def make_settings(namespace: str, tmp_path: Path) -> Callable[..., Settings]:
             "jackpot_api_key": "jackpot-test-key",
             "doshii_api_url": "http://127.0.0.1:9",
             "doshii_client_id": "bridge-test",
-            "doshii_client_secret": "doshii-test-secret-0123456789",
+            "doshii_client_secret": "doshii-test-secret-0123456789abcdef",
             "pdf_hosts": "http://127.0.0.1:9",
             "pdf_dir": tmp_path / "pdfs",
             "spool_dir": tmp_path / "spool",
