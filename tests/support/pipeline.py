@@ -1,0 +1,131 @@
+"""The whole pipeline in one test process: sandboxes, the ingress and every worker, on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ingress.app import NOTIFICATION_PATH, create_app
+from sandbox.server import Sandboxes, start_sandboxes
+from shared.keys import KeyRing
+from shared.models import KeyClaims
+from shared.service import start_site
+from shared.settings import Settings
+from shared.topology import Names, Stage
+from workers.deps import open_deps
+from workers.main import handlers
+from workers.runner import Runner
+
+# The pipeline counts as settled after this many consecutive quiet looks, this far apart.
+QUIET_LOOKS = 3
+LOOK_INTERVAL_S = 0.1
+
+
+@dataclass
+class Voucher:
+    """One voucher's story: the Doshii request it pays for and the Jackpot voucher."""
+
+    request_id: str
+    location_id: str
+    voucher_id: str
+    coupon_id: str
+    key: str
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    sandboxes: Sandboxes
+    ingress_url: str
+    runner: Runner | None
+
+    @property
+    def notification_url(self) -> str:
+        return f"{self.ingress_url}{NOTIFICATION_PATH}"
+
+    def new_voucher(self, *, value: int = 110, amount_cents: int | None = None) -> Voucher:
+        """A pending Doshii request and a Jackpot reservation whose key names it."""
+        amount = value * self.settings.value_to_cents if amount_cents is None else amount_cents
+        request_id = self.sandboxes.doshii.create_request(amount_cents=amount)
+        location_id = self.sandboxes.doshii.locations[request_id]
+        claims = KeyClaims(location_id=location_id, request_id=request_id, amount_cents=amount)
+        key = KeyRing(self.settings.key_secrets).mint(claims)
+        reserved = self.sandboxes.jackpot.reserve(
+            notification_url=self.notification_url, notification_key=key, value=value
+        )
+        return Voucher(request_id, location_id, reserved["id"], reserved["couponId"], key)
+
+    async def doshii_status(self, voucher: Voucher, *statuses: str, timeout_s: float = 20) -> str:
+        return await self.sandboxes.doshii.wait_for_status(
+            voucher.request_id, *statuses, timeout_s=timeout_s
+        )
+
+    async def settled(self, channel: Any, timeout_s: float = 30.0) -> None:
+        """Wait until every work queue and delay tier is empty and nothing is in flight."""
+        names = Names(self.settings.namespace)
+        queues = [names.queue(s) for s in Stage]
+        queues += [names.tier_queue(t) for t in self.settings.retry_tiers_s]
+
+        async def quiet() -> None:
+            looks = 0
+            while looks < QUIET_LOOKS:
+                await asyncio.sleep(LOOK_INTERVAL_S)
+                counts = [
+                    (await channel.declare_queue(q, passive=True)).declaration_result.message_count
+                    for q in queues
+                ]
+                busy = any(counts) or (self.runner is not None and self.runner.in_flight)
+                looks = 0 if busy else looks + 1
+
+        await asyncio.wait_for(quiet(), timeout_s)
+
+
+@asynccontextmanager
+async def running_pipeline(
+    make_settings: Callable[..., Settings], *, workers: bool = True, **overrides: Any
+) -> AsyncIterator[Pipeline]:
+    """Start the sandboxes, the ingress and (unless told not to) every worker in this process."""
+    async with await start_sandboxes() as sandboxes:
+        settings = make_settings(**{**sandboxes.settings_overrides(), **overrides})
+        site, port = await start_site(
+            create_app(settings), "127.0.0.1", 0, shutdown_timeout_s=settings.drain_timeout_s
+        )
+        stop = asyncio.Event()
+        try:
+            if not workers:
+                yield Pipeline(settings, sandboxes, f"http://127.0.0.1:{port}", None)
+                return
+            async with open_deps(settings) as deps:
+                runner = Runner(settings, handlers(deps, list(Stage)))
+                task = asyncio.create_task(runner.run(stop))
+                await asyncio.wait_for(runner.connected.wait(), 15)
+                try:
+                    yield Pipeline(settings, sandboxes, f"http://127.0.0.1:{port}", runner)
+                finally:
+                    stop.set()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(task, 15)
+        finally:
+            await site.cleanup()
+
+
+async def counting_server(
+    status: int = 200, body: bytes = b"%PDF-1.4 x"
+) -> tuple[web.AppRunner, str, list[str]]:
+    """A loopback server that records every path it is asked for (to prove nothing was fetched)."""
+    hits: list[str] = []
+
+    async def any_path(request: web.Request) -> web.Response:
+        hits.append(request.path_qs)
+        return web.Response(status=status, body=body, content_type="application/pdf")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", any_path)
+    runner, port = await start_site(app, "127.0.0.1", 0, shutdown_timeout_s=1)
+    return runner, f"http://127.0.0.1:{port}", hits
