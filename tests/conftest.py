@@ -90,3 +90,12 @@ async def broker(channel: AbstractChannel, settings: Settings) -> AsyncIterator[
         yield names
     finally:
         await topology.delete(channel, settings.namespace, tiers_s=settings.retry_tiers_s)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the tables tests filled in (hostile input, chaos ledger) at the end of the run."""
+    from tests.support.report import TABLES, render
+
+    for title, (columns, rows) in TABLES.items():
+        terminalreporter.write_line("")
+        terminalreporter.write_line(render(title, columns, rows))

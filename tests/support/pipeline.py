@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -88,11 +88,17 @@ class Pipeline:
 
 @asynccontextmanager
 async def running_pipeline(
-    make_settings: Callable[..., Settings], *, workers: bool = True, **overrides: Any
+    make_settings: Callable[..., Settings],
+    *,
+    workers: bool = True,
+    extra_pdf_hosts: Sequence[str] = (),
+    **overrides: Any,
 ) -> AsyncIterator[Pipeline]:
     """Start the sandboxes, the ingress and (unless told not to) every worker in this process."""
     async with await start_sandboxes() as sandboxes:
-        settings = make_settings(**{**sandboxes.settings_overrides(), **overrides})
+        partners = sandboxes.settings_overrides()
+        partners["pdf_hosts"] = ",".join([partners["pdf_hosts"], *extra_pdf_hosts])
+        settings = make_settings(**{**partners, **overrides})
         site, port = await start_site(
             create_app(settings), "127.0.0.1", 0, shutdown_timeout_s=settings.drain_timeout_s
         )
