@@ -50,8 +50,19 @@ def _ingress(args: argparse.Namespace) -> int:
     return run(main)
 
 
+def _checked(settings: Settings, role: str) -> None:
+    from workers.main import check_settings
+
+    try:
+        check_settings(settings, role)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from error
+
+
 def _worker(args: argparse.Namespace) -> int:
     settings = _settings()
+    _checked(settings, args.role)
     from shared.service import run
     from workers.main import serve_workers
 
@@ -60,6 +71,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _run_all(args: argparse.Namespace) -> int:
     settings = _settings()
+    _checked(settings, "all")
     from shared.service import run
     from workers.main import serve_everything
 

@@ -95,9 +95,8 @@ class Settings(BaseSettings):
 
     # Vouchers and PDFs
     value_to_cents: int = Field(100, gt=0)
-    pdf_hosts: Annotated[list[PdfOrigin], NoDecode] = Field(
-        default_factory=lambda: [PdfOrigin.parse("jackpot-vouchers.s3.amazonaws.com")]
-    )
+    # Where Jackpot's PDF links point is not documented: no default, the pdfs worker needs it.
+    pdf_hosts: Annotated[list[PdfOrigin], NoDecode] = Field(default_factory=list)
     pdf_dir: Path = Path("var/pdfs")
     pdf_max_bytes: int = Field(10 * 1024 * 1024, gt=0)
 

@@ -129,3 +129,26 @@ def test_fraction_of_a_cent_is_permanent() -> None:
 def test_random_objects_never_crash_the_parser(extra: dict[str, str]) -> None:
     with contextlib.suppress(ValidationError):
         Voucher.model_validate_json(json.dumps(extra))
+
+
+def test_readme_documents_every_setting() -> None:
+    from pathlib import Path
+
+    from shared.settings import Settings
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`BRIDGE_{name.upper()}`" in readme, name
+
+
+def test_pdfs_worker_refuses_to_start_without_pdf_hosts() -> None:
+    env = {"PATH": "/usr/bin:/bin", **REQUIRED}
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "worker", "pdfs"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "BRIDGE_PDF_HOSTS: is empty" in result.stderr

@@ -8,6 +8,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from shared.errors import SettingsError
 from shared.service import start_site
 from shared.settings import Settings
 from shared.topology import Stage
@@ -29,6 +30,15 @@ RUNNER = web.AppKey("runner", Runner)
 
 def stages_for(role: str) -> list[Stage]:
     return list(Stage) if role == "all" else [Stage(role)]
+
+
+def check_settings(settings: Settings, role: str) -> None:
+    """Refuse to start a role that its settings leave unable to work."""
+    if Stage.PDFS in stages_for(role) and not settings.pdf_hosts:
+        raise SettingsError(
+            "voucher-bridge cannot start: bad settings\n"
+            "  BRIDGE_PDF_HOSTS: is empty; the pdfs worker may fetch voucher PDFs from nowhere"
+        )
 
 
 def handlers(deps: Deps, stages: list[Stage]) -> dict[Stage, Handler]:
