@@ -45,7 +45,8 @@ if command -v rabbitmq-server >/dev/null 2>&1; then
     wait_until_up
     echo "Started the local rabbitmq-server." >&2
 elif command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
-    docker compose up -d rabbitmq
+    # compose.yaml requires BRIDGE_KEY_SECRETS for the bridge services; the broker needs none.
+    BRIDGE_KEY_SECRETS="${BRIDGE_KEY_SECRETS:-unused-broker-only-secret}" docker compose up -d rabbitmq
     wait_until_up
     echo "Started RabbitMQ with docker compose." >&2
 else

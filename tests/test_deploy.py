@@ -1,0 +1,606 @@
+"""The deployment: compose.yaml, the Dockerfile, Prometheus and Grafana, checked without Docker.
+
+Each test ties a file under deploy/ (or compose.yaml, or the Dockerfile) to the code it runs:
+the `bridge` parser, the settings, the worker roles and the exported metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import prometheus_client
+import pytest
+import yaml
+
+import shared.metrics  # noqa: F401  (registers every metric the code exports)
+from sandbox.server import _origin as sandbox_origin
+from shared.cli import parser
+from shared.settings import ENV_PREFIX, PdfOrigin, Settings, load_settings
+from shared.topology import Stage
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+BRIDGE_IMAGE = "voucher-bridge:latest"
+SANDBOX = "sandbox"
+# A stand-in for the one variable compose.yaml requires (`${BRIDGE_KEY_SECRETS:?...}`).
+REQUIRED_FOR_TESTS = {"BRIDGE_KEY_SECRETS": "test-only-key-secret-0123456789"}
+NAMED_VOLUMES = {"rabbitmq-data", "pdfs", "spool", "prometheus-data", "grafana-data"}
+
+# What RabbitMQ's Prometheus plugin (rabbitmq_prometheus, 3.13) emits on /metrics/detailed for
+# each family the `rabbitmq-queues` job asks for (prometheus_rabbitmq_core_metrics_collector).
+RABBITMQ_DETAILED_FAMILIES = {
+    "queue_coarse_metrics": {
+        "rabbitmq_detailed_queue_messages_ready",
+        "rabbitmq_detailed_queue_messages_unacked",
+        "rabbitmq_detailed_queue_messages",
+        "rabbitmq_detailed_queue_process_reductions_total",
+    },
+    "queue_consumer_count": {"rabbitmq_detailed_queue_consumers"},
+}
+# What the dashboard must show (one metric per panel the design asks for).
+DASHBOARD_MUST_USE = {
+    "bridge_ingress_requests_total",
+    "bridge_ingress_request_seconds_bucket",
+    "bridge_stage_messages_total",
+    "bridge_notification_to_doshii_seconds_bucket",
+    "bridge_stage_oldest_message_age_seconds",
+    "bridge_spool_depth",
+    "rabbitmq_detailed_queue_messages",
+}
+
+# Compose interpolation: $$, $NAME, ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?err}.
+_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_]\w*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_]\w*))"
+)
+_PROMQL_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_PROMQL_NAME = re.compile(r"\b(?:bridge|rabbitmq)_[A-Za-z0-9_]+\b")
+_PROMQL_JOB = re.compile(r'\bjob\s*=~?\s*"([^"]*)"')
+
+
+# Helpers
+
+
+def _interpolate(value: str, env: Mapping[str, str]) -> str:
+    """Substitute variables the way `docker compose` does; a missing required one raises."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["braced"] or match["bare"]
+        op, arg = match["op"], match["arg"] or ""
+        current = env.get(name)
+        is_set = current is not None and (current != "" or op is None or ":" not in op)
+        if op is not None and op.endswith("?") and not is_set:
+            raise LookupError(f"{name}: {arg}")
+        if op is not None and op.endswith("-") and not is_set:
+            return arg
+        return current or ""
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def _resolve(node: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return _interpolate(node, env)
+    if isinstance(node, list):
+        return [_resolve(item, env) for item in node]
+    if isinstance(node, dict):
+        return {key: _resolve(value, env) for key, value in node.items()}
+    return node
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, list):
+        for item in node:
+            yield from _strings(item)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from _strings(value)
+
+
+def _variables(node: Any) -> set[str]:
+    return {
+        match["braced"] or match["bare"]
+        for text in _strings(node)
+        for match in _VARIABLE.finditer(text)
+        if not match["escaped"]
+    }
+
+
+def _settings_variables() -> set[str]:
+    return {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+
+
+def _default(field: str) -> Any:
+    return Settings.model_fields[field].default
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, with continuation lines joined and comments dropped."""
+    logical = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    instructions = []
+    for line in logical.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, arguments = line.partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
+
+
+def _docker_args(instruction: str) -> list[str]:
+    """The JSON (exec form) arguments of the last `instruction`."""
+    arguments = [args for keyword, args in _dockerfile() if keyword == instruction][-1]
+    parsed = json.loads(arguments)
+    assert isinstance(parsed, list), f"{instruction} must use the exec (JSON) form"
+    return [str(part) for part in parsed]
+
+
+def _image_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, arguments in _dockerfile():
+        if keyword == "ENV":
+            for pair in shlex.split(arguments):
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
+
+
+def _healthcheck_script(test: list[str]) -> str:
+    """The Python source of a `["CMD", "python", "-c", SOURCE]` healthcheck."""
+    assert test[0] == "CMD", test
+    assert Path(test[1]).name == "python", test
+    assert test[2] == "-c", test
+    return test[3]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _run_python(source: str, env: Mapping[str, str]) -> int:
+    completed = subprocess.run(
+        [sys.executable, "-c", source],
+        env={**os.environ, **env},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return completed.returncode
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    """Answers like a bridge process: 200 on /healthz and /readyz, 404 elsewhere."""
+
+    def do_GET(self) -> None:
+        status = 200 if self.path in ("/healthz", "/readyz") else 404
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+@pytest.fixture
+def status_port() -> Iterator[int]:
+    """A loopback port serving /healthz and /readyz, like an ingress or a worker."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StatusHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document = _load_yaml(ROOT / "compose.yaml")
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = compose["services"]
+    assert isinstance(found, dict)
+    return found
+
+
+@pytest.fixture(scope="module")
+def bridge_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The services that run the bridge image (the sandbox included)."""
+    return {name: svc for name, svc in services.items() if svc.get("image") == BRIDGE_IMAGE}
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> dict[str, dict[str, Any]]:
+    """prometheus.yml's scrape jobs by name."""
+    config = _load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    return {job["job_name"]: job for job in config["scrape_configs"]}
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    document = json.loads((DEPLOY / "grafana" / "dashboards" / "voucher-bridge.json").read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def _exprs(dashboard: dict[str, Any]) -> list[str]:
+    return [
+        target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        if "expr" in target
+    ]
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(_PROMQL_NAME.findall(_PROMQL_STRING.sub('""', expr)))
+
+
+def _exported_metrics() -> set[str]:
+    """The series names the bridge's registry exposes, including those with no sample yet."""
+    names: set[str] = set()
+    for family in prometheus_client.REGISTRY.collect():
+        names.update(sample.name for sample in family.samples)
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(family.name)
+    return names
+
+
+def _settings_for(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The Settings a service's container gets: the image's ENV, then compose's environment."""
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    environment = _resolve(service.get("environment", {}), REQUIRED_FOR_TESTS)
+    for name, value in {**_image_env(), **environment}.items():
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.setenv(name, str(value))
+    return load_settings()
+
+
+# compose.yaml
+
+
+def test_compose_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    schema_file = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    # As written, and as Docker sees it once the variables are substituted.
+    for document in (compose, _resolve(compose, REQUIRED_FOR_TESTS)):
+        errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(document)]
+        assert errors == []
+    assert "version" not in compose, "the Compose specification has no `version:`"
+
+    misspelt = copy.deepcopy(compose)
+    misspelt["services"]["ingress"]["comand"] = ["ingress"]
+    assert list(validator.iter_errors(misspelt)), "the schema must reject an unknown key"
+
+
+def test_every_bridge_command_parses(bridge_services: dict[str, dict[str, Any]]) -> None:
+    assert set(bridge_services) >= {"ingress", SANDBOX, *(str(stage) for stage in Stage)}
+    for name, service in bridge_services.items():
+        command = _resolve(service["command"], REQUIRED_FOR_TESTS)
+        assert isinstance(command, list), f"{name}: use the exec (list) form"
+        try:
+            parser().parse_args(command)  # an unknown subcommand or argument exits
+        except SystemExit:
+            pytest.fail(f"{name}: `bridge {shlex.join(command)}` does not parse")
+
+
+def test_every_worker_role_has_a_scalable_service(services: dict[str, dict[str, Any]]) -> None:
+    worker_port = _default("worker_http_port")
+    for stage in Stage:
+        service = services.get(str(stage))
+        assert service is not None, f"no service for the {stage} worker"
+        assert service["command"] == ["worker", str(stage)]
+        assert isinstance(service["deploy"]["replicas"], int)
+        assert service["deploy"]["replicas"] >= 1
+        # `--scale` starts several containers: a fixed name or host port would collide.
+        assert "container_name" not in service
+        assert "ports" not in service
+        script = _healthcheck_script(service["healthcheck"]["test"])
+        assert f"127.0.0.1:{worker_port}/readyz" in script
+
+
+def test_bridge_services_share_their_setup(bridge_services: dict[str, dict[str, Any]]) -> None:
+    for name, service in bridge_services.items():
+        assert service["build"] == ".", name
+        assert service["restart"] == "unless-stopped", name
+        if name == SANDBOX:
+            continue
+        assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+        assert f"pdfs:{_image_env()['BRIDGE_PDF_DIR']}" in service["volumes"], name
+
+
+def test_compose_uses_only_real_settings(compose: dict[str, Any]) -> None:
+    known = _settings_variables()
+    used = {name for name in _variables(compose) if name.upper().startswith(ENV_PREFIX)}
+    assert used, "compose.yaml should configure the bridge through BRIDGE_* variables"
+    assert used <= known, f"not settings: {sorted(used - known)}"
+    for service in compose["services"].values():
+        for name, value in service.get("environment", {}).items():
+            if name.startswith(ENV_PREFIX):
+                assert name in known, name
+                # Each variable is set from the one of the same name, so .env works as expected.
+                assert _variables(value) == {name}, f"{name}: {value!r}"
+
+
+def test_key_secrets_have_no_default(bridge_services: dict[str, dict[str, Any]]) -> None:
+    environment = bridge_services["ingress"]["environment"]
+    with pytest.raises(LookupError, match="BRIDGE_KEY_SECRETS"):
+        _resolve(environment, {})
+
+
+def test_the_defaults_make_valid_settings(
+    bridge_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, service in bridge_services.items():
+        if name == SANDBOX:
+            continue
+        settings = _settings_for(service, monkeypatch)
+        assert settings.http_host == "0.0.0.0", name
+        assert "@rabbitmq:5672/" in settings.amqp_url.get_secret_value(), name
+
+
+def test_the_bridge_defaults_point_at_the_sandbox(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sandbox = services[SANDBOX]
+    assert sandbox["profiles"] == ["demo"]
+    args = parser().parse_args(_resolve(sandbox["command"], REQUIRED_FOR_TESTS))
+    # The sandbox puts its --host into the PDF links it signs: it must be the name other
+    # containers reach it by, mapped to its address (hostname) and to loopback (extra_hosts),
+    # where its control routes answer.
+    assert args.host == sandbox["hostname"] == SANDBOX
+    assert f"{SANDBOX}:127.0.0.1" in sandbox["extra_hosts"]
+    jackpot = sandbox_origin(args.host, args.jackpot_port)
+    doshii = sandbox_origin(args.host, args.doshii_port)
+
+    settings = _settings_for(services["pdfs"], monkeypatch)
+    assert settings.jackpot_api_url == jackpot
+    assert settings.doshii_api_url.startswith(f"{doshii}/")
+    assert PdfOrigin.parse(jackpot) in settings.pdf_hosts
+    assert args.jackpot_api_key == settings.jackpot_api_key.get_secret_value()
+    assert args.doshii_client_id == settings.doshii_client_id
+    assert args.doshii_client_secret == settings.doshii_client_secret.get_secret_value()
+
+
+def test_the_ingress_keeps_its_spool_and_answers_outside(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    ingress = services["ingress"]
+    assert ingress["command"] == ["ingress"]
+    assert f"spool:{_image_env()['BRIDGE_SPOOL_DIR']}" in ingress["volumes"]
+    assert f"{_default('http_port')}:{_default('http_port')}" in ingress["ports"]
+    script = _healthcheck_script(ingress["healthcheck"]["test"])
+    assert f"127.0.0.1:{_default('http_port')}/readyz" in script
+
+
+def test_volumes_are_declared_and_mounts_exist(compose: dict[str, Any]) -> None:
+    assert set(compose["volumes"]) == NAMED_VOLUMES
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name}: {source} is missing"
+            else:
+                assert source in NAMED_VOLUMES, f"{name}: undeclared volume {source}"
+
+
+def test_rabbitmq_has_management_and_prometheus(services: dict[str, dict[str, Any]]) -> None:
+    rabbitmq = services["rabbitmq"]
+    assert rabbitmq["image"].startswith("rabbitmq:3.13-management")
+    plugins = (DEPLOY / "rabbitmq" / "enabled_plugins").read_text()
+    match = re.fullmatch(r"\[([a-z_]+(?:,[a-z_]+)*)\]\.\s*", plugins)
+    assert match, f"enabled_plugins is not an Erlang list term: {plugins!r}"
+    assert set(match[1].split(",")) >= {"rabbitmq_management", "rabbitmq_prometheus"}
+    published = {port.rsplit(":", 1)[-1] for port in _resolve(rabbitmq["ports"], {})}
+    assert published >= {"5672", "15672", "15692"}
+    assert rabbitmq["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+    assert "rabbitmq-data:/var/lib/rabbitmq" in rabbitmq["volumes"]
+
+
+def test_compose_healthchecks_compile(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        test = service.get("healthcheck", {}).get("test", [])
+        if len(test) > 1 and Path(test[1]).name == "python":
+            compile(_healthcheck_script(test), f"<{name} healthcheck>", "exec")
+
+
+def test_compose_healthchecks_probe_readiness(
+    services: dict[str, dict[str, Any]], status_port: int
+) -> None:
+    for name, port in (("ingress", _default("http_port")), ("pdfs", _default("worker_http_port"))):
+        script = _healthcheck_script(services[name]["healthcheck"]["test"])
+        address = f"127.0.0.1:{port}"
+        assert _run_python(script.replace(address, f"127.0.0.1:{status_port}"), {}) == 0
+        assert _run_python(script.replace(address, f"127.0.0.1:{_free_port()}"), {}) != 0
+
+
+# Dockerfile
+
+
+def test_dockerfile_builds_in_two_stages() -> None:
+    stages = [args.split() for keyword, args in _dockerfile() if keyword == "FROM"]
+    assert len(stages) == 2
+    assert stages[0][0] == stages[1][0] == "python:3.11-slim"
+    assert [word.lower() for word in stages[0][1:]] == ["as", "builder"]
+    copies = [args for keyword, args in _dockerfile() if keyword == "COPY"]
+    assert "--from=builder /opt/venv /opt/venv" in copies
+
+
+def test_dockerfile_copies_what_pip_install_needs() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    wanted = {"pyproject.toml", project["project"]["readme"], *packages}
+    copied: set[str] = set()
+    for keyword, arguments in _dockerfile():
+        if keyword == "COPY" and not arguments.startswith("--"):
+            copied.update(source.rstrip("/") for source in arguments.split()[:-1])
+    assert copied == wanted
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert not copied & ignored, "the Dockerfile copies what .dockerignore leaves out"
+    assert ignored >= {".venv", ".git", "var", "tests", "bench", ".env"}
+
+
+def test_dockerfile_runs_bridge_as_a_non_root_user() -> None:
+    users = [args for keyword, args in _dockerfile() if keyword == "USER"]
+    assert users, "no USER: the image would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+    runs = " ".join(args for keyword, args in _dockerfile() if keyword == "RUN")
+    created = rf"useradd [^&;]*--uid {user}\b" if user.isdigit() else rf"useradd [^&;]*\b{user}\b"
+    assert re.search(created, runs), f"USER {user} is not created by useradd"
+    assert _docker_args("ENTRYPOINT") == ["bridge"]
+    parser().parse_args(_docker_args("CMD"))
+
+
+def test_dockerfile_environment_and_ports() -> None:
+    env = _image_env()
+    bridge_env = {name for name in env if name.startswith(ENV_PREFIX)}
+    assert bridge_env <= _settings_variables()
+    assert env["BRIDGE_HTTP_HOST"] == "0.0.0.0"
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    exposed = {
+        int(port) for keyword, args in _dockerfile() if keyword == "EXPOSE" for port in args.split()
+    }
+    assert exposed == {_default("http_port"), _default("worker_http_port")}
+
+
+def test_dockerfile_healthcheck_tries_the_ingress_then_the_worker_port(status_port: int) -> None:
+    (healthcheck,) = [args for keyword, args in _dockerfile() if keyword == "HEALTHCHECK"]
+    options, _, command = healthcheck.partition(" CMD ")
+    assert "--timeout=" in options
+    script = _healthcheck_script(["CMD", *json.loads(command)])
+    for variable in ("BRIDGE_HTTP_PORT", "BRIDGE_WORKER_HTTP_PORT"):
+        assert variable in script
+        assert variable in _settings_variables()
+    closed = str(_free_port())
+    ingress = {"BRIDGE_HTTP_PORT": str(status_port), "BRIDGE_WORKER_HTTP_PORT": closed}
+    worker = {"BRIDGE_HTTP_PORT": closed, "BRIDGE_WORKER_HTTP_PORT": str(status_port)}
+    neither = {"BRIDGE_HTTP_PORT": closed, "BRIDGE_WORKER_HTTP_PORT": closed}
+    assert _run_python(script, ingress) == 0
+    assert _run_python(script, worker) == 0
+    assert _run_python(script, neither) == 1
+
+
+# Prometheus
+
+
+def test_prometheus_scrapes_ingress_workers_and_rabbitmq(
+    prometheus: dict[str, dict[str, Any]], services: dict[str, dict[str, Any]]
+) -> None:
+    def targets(job: str) -> list[str]:
+        return [t for config in prometheus[job]["static_configs"] for t in config["targets"]]
+
+    assert targets("ingress") == [f"ingress:{_default('http_port')}"]
+    assert prometheus["ingress"].get("metrics_path", "/metrics") == "/metrics"
+
+    (discovery,) = prometheus["workers"]["dns_sd_configs"]
+    assert set(discovery["names"]) == {str(stage) for stage in Stage}
+    assert discovery["type"] == "A"
+    assert discovery["port"] == _default("worker_http_port")
+
+    assert targets("rabbitmq") == ["rabbitmq:15692"]
+    assert targets("rabbitmq-queues") == ["rabbitmq:15692"]
+    assert prometheus["rabbitmq-queues"]["metrics_path"] == "/metrics/detailed"
+    assert set(prometheus["rabbitmq-queues"]["params"]["family"]) <= set(RABBITMQ_DETAILED_FAMILIES)
+
+    hosts = {t.split(":")[0] for job in ("ingress", "rabbitmq") for t in targets(job)}
+    assert hosts | set(discovery["names"]) <= set(services)
+
+
+# Grafana
+
+
+def test_dashboard_metrics_are_exported(
+    dashboard: dict[str, Any], prometheus: dict[str, dict[str, Any]]
+) -> None:
+    exported = _exported_metrics()
+    families = prometheus["rabbitmq-queues"]["params"]["family"]
+    scraped = set().union(*(RABBITMQ_DETAILED_FAMILIES[family] for family in families))
+    used: set[str] = set()
+    for expr in _exprs(dashboard):
+        for name in _metric_names(expr):
+            used.add(name)
+            if name.startswith("bridge_"):
+                assert name in exported, f"{name} is not exported by the bridge: {expr}"
+            else:
+                assert name in scraped, f"{name} is not scraped from RabbitMQ: {expr}"
+        for jobs in _PROMQL_JOB.findall(expr):
+            assert set(jobs.split("|")) <= set(prometheus), f"unknown job in {expr}"
+    assert used >= DASHBOARD_MUST_USE
+
+
+def test_dashboard_panels_use_the_provisioned_datasource(dashboard: dict[str, Any]) -> None:
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    (datasource,) = _load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], panel["title"]
+        assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == datasource["uid"], panel["title"]
+
+
+def test_grafana_loads_the_dashboard_and_lets_viewers_in(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    grafana = services["grafana"]
+    mounts = {source: target for source, target, *_ in (v.split(":") for v in grafana["volumes"])}
+    (provider,) = _load_yaml(
+        DEPLOY / "grafana" / "provisioning" / "dashboards" / "voucher-bridge.yml"
+    )["providers"]
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    environment = grafana["environment"]
+    assert environment["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    home = environment["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/voucher-bridge.json"
