@@ -1,0 +1,862 @@
+"""`python -m sandbox.demo`: the bridge's main job, end to end, on this one machine.
+
+The demo process plays Jackpot and the POS (both sandboxes, in-process on loopback) and runs
+`bridge run` as a real subprocess against the real RabbitMQ, in a namespace of its own:
+
+    1. start the sandboxes, then `bridge run`, and wait until its ingress and workers are ready;
+    2. open Doshii activation requests, mint their keys, reserve a Jackpot voucher for each;
+    3. deliver every voucher concurrently: plain ones, one whose READY link has already expired
+       (the worker renews it), one cancelled at Jackpot once confirmed, and one whose Doshii
+       update first meets two 503s (played after the others, so the fault hits it alone);
+    4. wait, bounded, until every Doshii request is final; print a table and where to look;
+    5. stop `bridge run`, delete the namespace from the broker and stop the sandboxes.
+
+Exit status 0 only when every voucher ended as expected and nothing was dead-lettered. The PDFs,
+the bridge's log and its settings (`bridge.env`) stay under `var/demo-<namespace>/`. With
+`--keep`, everything stays up after the table (metrics, `bridge dlq list`) until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aio_pika
+import aiohttp
+
+from ingress.app import NOTIFICATION_PATH
+from sandbox.doshii import DoshiiSandbox, Status
+from sandbox.faults import Fault, FaultRoute
+from sandbox.jackpot import JackpotSandbox, State
+from sandbox.server import Sandboxes, start_sandboxes
+from shared import topology
+from shared.broker import connection_name
+from shared.errors import SettingsError
+from shared.keys import KeyRing
+from shared.models import KeyClaims, value_to_cents
+from shared.settings import ENV_PREFIX, Settings, load_settings
+from workers import dlq
+from workers.pdfs import PDF_MAGIC
+
+_T = TypeVar("_T")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+NAMESPACE_PREFIX = "demo-"
+NAMESPACE_RANDOM_BYTES = 3
+# A demo secret: signs the notificationKeys of this run only (16 characters at least).
+DEMO_KEY_SECRET = "demo-notification-key-secret-0123"
+# Short delay tiers, so a retry waits seconds, not the production minutes.
+RETRY_TIERS_S = (1, 2, 5)
+DRAIN_TIMEOUT_S = 5
+PARTNER_TIMEOUT_S = 5
+# How long `bridge run` may take to answer 200 on both /readyz.
+READY_TIMEOUT_S = 30.0
+READY_POLL_S = 0.2
+PROBE_TIMEOUT_S = 1.0
+# Every voucher must be final (activated or cancelled) within this long of the first delivery.
+DEADLINE_S = 45.0
+PROGRESS_INTERVAL_S = 1.0
+# How long `bridge run` may take to stop after SIGTERM before it is killed.
+STOP_TIMEOUT_S = 15.0
+CLEANUP_TIMEOUT_S = 10.0
+LOG_TAIL_LINES = 15
+DOSHII_FAULT_STATUS = 503
+DOSHII_FAULT_TIMES = 2
+CENTS_PER_UNIT = 100
+MANAGEMENT_PORT = 15672
+FINAL_STATUSES = (Status.ACTIVATED.value, Status.CANCELLED.value)
+# Exit statuses of a run cut short: by Ctrl-C (SIGINT) or by SIGTERM, after cleaning up.
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says why, for a person."""
+
+
+class Kind(StrEnum):
+    """What happens to a voucher on its way; the value is the table's `case` column."""
+
+    PLAIN = "plain"
+    EXPIRED_LINK = "expired link"
+    CANCELLED = "cancelled at Jackpot"
+    DOSHII_503 = f"Doshii {DOSHII_FAULT_STATUS} x{DOSHII_FAULT_TIMES}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One voucher to play: its kind and its Jackpot value (in currency units)."""
+
+    kind: Kind
+    value: Decimal
+
+
+CASES = (
+    Case(Kind.PLAIN, Decimal(25)),
+    Case(Kind.PLAIN, Decimal(50)),
+    Case(Kind.PLAIN, Decimal(110)),
+    Case(Kind.PLAIN, Decimal("37.50")),
+    Case(Kind.EXPIRED_LINK, Decimal(40)),
+    Case(Kind.CANCELLED, Decimal(60)),
+    Case(Kind.DOSHII_503, Decimal(150)),
+)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A case in flight: the Doshii request it pays for and the Jackpot voucher reserved for it."""
+
+    case: Case
+    request_id: str
+    location_id: str
+    voucher_id: str
+    coupon_id: str
+    amount_cents: int
+
+    @property
+    def expected_status(self) -> str:
+        cancelled = self.case.kind is Kind.CANCELLED
+        return Status.CANCELLED.value if cancelled else Status.ACTIVATED.value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where this run lives: its namespace, its ports and its folder under `var/`."""
+
+    namespace: str
+    http_port: int
+    worker_http_port: int
+
+    @property
+    def run_dir(self) -> Path:
+        return REPO_ROOT / "var" / self.namespace
+
+    @property
+    def pdf_dir(self) -> Path:
+        return self.run_dir / "pdfs"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.run_dir / "spool"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "bridge.log"
+
+    @property
+    def env_path(self) -> Path:
+        return self.run_dir / "bridge.env"
+
+    @property
+    def ingress_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def worker_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.worker_http_port}"
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """`bridge run`, started as a child process writing its log to a file."""
+
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines of the log, to show why it did not come up."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(the log is empty)"
+
+
+@dataclass(frozen=True)
+class Row:
+    """How one voucher ended, checked against what was expected."""
+
+    ticket: Ticket
+    status: str
+    amount: str
+    retries: str
+    pdf_path: Path | None
+    pdf_bytes: int | None
+    problems: tuple[str, ...]
+
+
+# Setting up
+
+
+def say(text: str = "") -> None:
+    """A line of the report, on stdout."""
+    print(text, flush=True)
+
+
+def note(text: str) -> None:
+    """A line of progress, on stderr."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def shown(path: Path) -> str:
+    """A path relative to the repository when it is inside it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(REPO_ROOT))
+    return str(path)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on loopback right now."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((LOOPBACK, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def make_plan() -> Plan:
+    """A fresh namespace and two free ports."""
+    namespace = f"{NAMESPACE_PREFIX}{secrets.token_hex(NAMESPACE_RANDOM_BYTES)}"
+    http_port, worker_http_port = free_ports(2)
+    return Plan(namespace, http_port, worker_http_port)
+
+
+def bridge_values(plan: Plan, sandboxes: Sandboxes) -> dict[str, str]:
+    """The settings of this run's `bridge run`, by field name (BRIDGE_<NAME> in its env)."""
+    return {
+        **sandboxes.settings_overrides(),
+        "namespace": plan.namespace,
+        "key_secrets": DEMO_KEY_SECRET,
+        "http_host": LOOPBACK,
+        "http_port": str(plan.http_port),
+        "worker_http_port": str(plan.worker_http_port),
+        "jackpot_confirm": "api",
+        "pdf_dir": str(plan.pdf_dir),
+        "spool_dir": str(plan.spool_dir),
+        "retry_tiers_s": ",".join(map(str, RETRY_TIERS_S)),
+        "partner_timeout_s": str(PARTNER_TIMEOUT_S),
+        "drain_timeout_s": str(DRAIN_TIMEOUT_S),
+        "log_json": "true",
+        "log_level": "info",
+    }
+
+
+def as_env(values: Mapping[str, str]) -> dict[str, str]:
+    """`{"http_port": "1"}` as `{"BRIDGE_HTTP_PORT": "1"}`."""
+    return {f"{ENV_PREFIX}{name.upper()}": value for name, value in values.items()}
+
+
+def write_env_file(plan: Plan, values: Mapping[str, str]) -> None:
+    """Save the run's BRIDGE_* variables, so `bridge dlq list` can be pointed at the namespace."""
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"{name}={shlex.quote(value)}" for name, value in as_env(values).items()]
+    plan.env_path.write_text("\n".join(lines) + "\n")
+
+
+# `bridge run`
+
+
+async def start_bridge(plan: Plan, values: Mapping[str, str]) -> Bridge:
+    """Start `bridge run` with the run's settings on top of this process's environment."""
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **as_env(values)}
+    with plan.log_path.open("ab") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "run",
+            env=env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    return Bridge(process, plan.log_path)
+
+
+async def answers_200(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether `GET url` answers 200 now."""
+    try:
+        async with session.get(url) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def wait_ready(bridge: Bridge, plan: Plan) -> float:
+    """Wait until the ingress and the workers both answer 200 on /readyz; returns the seconds."""
+    urls = (f"{plan.ingress_url}/readyz", f"{plan.worker_url}/readyz")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            code = bridge.process.returncode
+            if code is not None:
+                raise DemoError(
+                    f"`bridge run` exited with status {code} before it was ready. "
+                    f"Last lines of {shown(bridge.log_path)}:\n{bridge.log_tail()}"
+                )
+            if all([await answers_200(session, url) for url in urls]):
+                return loop.time() - started
+            if loop.time() - started > READY_TIMEOUT_S:
+                raise DemoError(
+                    f"`bridge run` did not answer 200 on {' and '.join(urls)} within "
+                    f"{READY_TIMEOUT_S:.0f} s. Last lines of {shown(bridge.log_path)}:\n"
+                    f"{bridge.log_tail()}"
+                )
+            await asyncio.sleep(READY_POLL_S)
+
+
+async def stop_bridge(bridge: Bridge) -> int:
+    """SIGTERM, wait for the drain, kill if it takes too long; returns the exit status."""
+    process = bridge.process
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            note(f"`bridge run` did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM: killed")
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    return process.returncode if process.returncode is not None else -1
+
+
+# Vouchers
+
+
+def open_ticket(
+    sandboxes: Sandboxes, keys: KeyRing, settings: Settings, notification_url: str, case: Case
+) -> Ticket:
+    """A pending Doshii request (the POS), its key, and a Jackpot voucher reserved with it."""
+    cents = value_to_cents(case.value, settings.value_to_cents)
+    request_id = sandboxes.doshii.create_request(amount_cents=cents)
+    location_id = sandboxes.doshii.locations[request_id]
+    claims = KeyClaims(location_id=location_id, request_id=request_id, amount_cents=cents)
+    voucher = sandboxes.jackpot.reserve(
+        notification_url=notification_url, notification_key=keys.mint(claims), value=case.value
+    )
+    return Ticket(case, request_id, location_id, voucher["id"], voucher["couponId"], cents)
+
+
+def open_tickets(sandboxes: Sandboxes, settings: Settings, ingress_url: str) -> list[Ticket]:
+    """One ticket per case, every key minted with the run's secret."""
+    keys = KeyRing(settings.key_secrets)
+    url = f"{ingress_url}{NOTIFICATION_PATH}"
+    return [open_ticket(sandboxes, keys, settings, url, case) for case in CASES]
+
+
+async def wait_final(doshii: DoshiiSandbox, tickets: Sequence[Ticket]) -> None:
+    """Wait until every ticket's Doshii request is activated or cancelled."""
+    await asyncio.gather(
+        *(
+            doshii.wait_for_status(t.request_id, *FINAL_STATUSES, timeout_s=DEADLINE_S)
+            for t in tickets
+        )
+    )
+
+
+async def cancel_after_confirm(jackpot: JackpotSandbox, voucher_id: str) -> None:
+    """RESERVED, wait for the bridge's confirm, then CANCELED at Jackpot and notified."""
+    status = await jackpot.notify(voucher_id, State.RESERVED, retry_window_s=DEADLINE_S)
+    if status != 200:
+        raise DemoError(f"the ingress answered RESERVED with {status}")
+    await jackpot.wait_for_state(voucher_id, State.CONFIRMED, timeout_s=DEADLINE_S)
+    jackpot.set_state(voucher_id, State.CANCELED)
+    status = await jackpot.notify(voucher_id, retry_window_s=DEADLINE_S)
+    if status != 200:
+        raise DemoError(f"the ingress answered CANCELED with {status}")
+
+
+async def play(ticket: Ticket, sandboxes: Sandboxes, tickets: Sequence[Ticket]) -> None:
+    """Jackpot's side of one voucher's life, as its case wants it."""
+    kind = ticket.case.kind
+    if kind is Kind.CANCELLED:
+        await cancel_after_confirm(sandboxes.jackpot, ticket.voucher_id)
+        return
+    if kind is Kind.DOSHII_503:
+        # Faults are per route, not per request: wait until the others are done with Doshii.
+        await wait_final(sandboxes.doshii, [t for t in tickets if t is not ticket])
+        fault = Fault(status=DOSHII_FAULT_STATUS, times=DOSHII_FAULT_TIMES)
+        sandboxes.faults.set(FaultRoute.DOSHII_PUT, fault)
+    outcome = await sandboxes.jackpot.deliver(
+        ticket.voucher_id,
+        expired_link=kind is Kind.EXPIRED_LINK,
+        retry_window_s=DEADLINE_S,
+        confirm_timeout_s=DEADLINE_S,
+    )
+    if outcome.ready_status != 200:
+        raise DemoError(
+            f"notifications not taken: RESERVED {outcome.reserved_status}, "
+            f"READY {outcome.ready_status}, voucher {outcome.state}"
+        )
+
+
+def finished(doshii: DoshiiSandbox, tickets: Sequence[Ticket]) -> int:
+    """How many tickets' Doshii requests are no longer pending."""
+    pending = Status.PENDING.value
+    return sum(doshii.requests[t.request_id]["status"] != pending for t in tickets)
+
+
+async def show_progress(doshii: DoshiiSandbox, tickets: Sequence[Ticket]) -> None:
+    """A line on stderr every second: how many vouchers are final."""
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(PROGRESS_INTERVAL_S)
+        elapsed_s = time.monotonic() - started
+        note(f"  {finished(doshii, tickets)}/{len(tickets)} finished ({elapsed_s:.0f} s)")
+
+
+async def deliver_all(sandboxes: Sandboxes, tickets: Sequence[Ticket]) -> dict[str, str]:
+    """Play every ticket concurrently and wait until all are final, within DEADLINE_S.
+
+    Returns why a ticket's play failed, by Doshii request id; on timeout, the stuck ones.
+    """
+    plays = [asyncio.create_task(play(t, sandboxes, tickets)) for t in tickets]
+    progress = asyncio.create_task(show_progress(sandboxes.doshii, tickets))
+    failures: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            results = await asyncio.gather(*plays, return_exceptions=True)
+            for ticket, result in zip(tickets, results, strict=True):
+                if isinstance(result, BaseException):
+                    failures[ticket.request_id] = f"{type(result).__name__}: {result}"
+            await wait_final(sandboxes.doshii, [t for t in tickets if t.request_id not in failures])
+    except TimeoutError:
+        for request_id, why in stuck(sandboxes, tickets).items():
+            earlier = failures.get(request_id)
+            failures[request_id] = why if earlier is None else f"{earlier}; {why}"
+    finally:
+        for task in (*plays, progress):
+            task.cancel()
+        await asyncio.gather(*plays, progress, return_exceptions=True)
+    return failures
+
+
+def stuck(sandboxes: Sandboxes, tickets: Sequence[Ticket]) -> dict[str, str]:
+    """Every ticket still pending at the deadline, with where it stopped; also on stderr."""
+    found: dict[str, str] = {}
+    for ticket in tickets:
+        if sandboxes.doshii.requests[ticket.request_id]["status"] != Status.PENDING:
+            continue
+        jackpot_state = sandboxes.jackpot.vouchers[ticket.voucher_id]["state"]
+        answers = [
+            d.status for d in sandboxes.jackpot.deliveries if d.voucher_id == ticket.voucher_id
+        ]
+        found[ticket.request_id] = (
+            f"stuck after {DEADLINE_S:.0f} s: Doshii pending, Jackpot {jackpot_state}, "
+            f"ingress answers {answers}"
+        )
+        note(f"STUCK {ticket.case.kind} request {ticket.request_id}: {found[ticket.request_id]}")
+    return found
+
+
+# Checking
+
+
+def money(cents: object) -> str:
+    """`11000` (cents, as int or digits) as `110.00`; `-` when there is none."""
+    try:
+        return f"{Decimal(str(cents)) / CENTS_PER_UNIT:.2f}"
+    except ArithmeticError:
+        return "-"
+
+
+def retries(ticket: Ticket, sandboxes: Sandboxes) -> str:
+    """What had to be tried again: refused Doshii PUTs, renewed links, re-sent notifications."""
+    puts = sandboxes.doshii.puts.get(ticket.request_id, [])
+    refused = collections.Counter(p["status"] for p in puts if p["status"] != 200)
+    parts = [f"Doshii PUT {status or 'dropped'} x{n}" for status, n in sorted(refused.items())]
+    renewed = sandboxes.jackpot.signedurl_calls[ticket.voucher_id]
+    if renewed:
+        parts.append(f"link renewed x{renewed}")
+    resent = sum(
+        d.voucher_id == ticket.voucher_id and d.status != 200 for d in sandboxes.jackpot.deliveries
+    )
+    if resent:
+        parts.append(f"notification re-sent x{resent}")
+    return ", ".join(parts) or "-"
+
+
+def accepted_update(ticket: Ticket, doshii: DoshiiSandbox) -> dict[str, Any]:
+    """The body of the last PUT Doshii accepted for the ticket's request (empty if none)."""
+    bodies = [p["body"] for p in doshii.puts.get(ticket.request_id, []) if p["status"] == 200]
+    last = bodies[-1] if bodies else {}
+    return last if isinstance(last, dict) else {}
+
+
+def pdf_problems(ticket: Ticket, sandboxes: Sandboxes, pdf: bytes | None) -> list[str]:
+    """What is wrong with the stored PDF of an activated voucher."""
+    if pdf is None:
+        return ["no PDF stored"]
+    if not pdf.startswith(PDF_MAGIC):
+        return ["the stored file does not start with %PDF-"]
+    if pdf != sandboxes.jackpot.pdf(ticket.voucher_id):
+        return ["the stored PDF differs from Jackpot's"]
+    return []
+
+
+def activation_problems(ticket: Ticket, sandboxes: Sandboxes, pdf: bytes | None) -> list[str]:
+    """What differs from: activated with the voucher's amount, reference = couponId, PDF kept."""
+    problems = pdf_problems(ticket, sandboxes, pdf)
+    update = accepted_update(ticket, sandboxes.doshii)
+    if str(update.get("amount")) != str(ticket.amount_cents):
+        problems.append(f"activated with amount {update.get('amount')}, not {ticket.amount_cents}")
+    reference = sandboxes.doshii.requests[ticket.request_id].get("reference")
+    if reference != ticket.coupon_id:
+        problems.append(f"reference is {reference!r}, not the couponId {ticket.coupon_id}")
+    kind = ticket.case.kind
+    if kind is Kind.EXPIRED_LINK and not sandboxes.jackpot.signedurl_calls[ticket.voucher_id]:
+        problems.append("the expired link was never renewed")
+    refused = [p for p in sandboxes.doshii.puts.get(ticket.request_id, []) if p["status"] != 200]
+    if kind is Kind.DOSHII_503 and not refused:
+        problems.append("the injected 503s never reached this request")
+    return problems
+
+
+def cancellation_problems(ticket: Ticket, sandboxes: Sandboxes, pdf: bytes | None) -> list[str]:
+    """What differs from: cancelled at Jackpot, no PDF kept."""
+    problems = [] if pdf is None else ["a PDF was stored for a cancelled voucher"]
+    state = sandboxes.jackpot.vouchers[ticket.voucher_id]["state"]
+    if state != State.CANCELED:
+        problems.append(f"the Jackpot voucher is {state}, not CANCELED")
+    return problems
+
+
+def check(ticket: Ticket, sandboxes: Sandboxes, pdf_dir: Path, failure: str | None) -> Row:
+    """Read how the ticket ended at Doshii and on disk, and what differs from the expectation."""
+    status = str(sandboxes.doshii.requests[ticket.request_id]["status"])
+    path = pdf_dir / f"{ticket.voucher_id}.pdf"
+    pdf = path.read_bytes() if path.is_file() else None
+    problems = [] if failure is None else [failure]
+    if status != ticket.expected_status:
+        problems.append(f"Doshii says {status}, expected {ticket.expected_status}")
+    elif ticket.expected_status == Status.ACTIVATED:
+        problems += activation_problems(ticket, sandboxes, pdf)
+    else:
+        problems += cancellation_problems(ticket, sandboxes, pdf)
+    amount = accepted_update(ticket, sandboxes.doshii).get("amount")
+    return Row(
+        ticket=ticket,
+        status=status,
+        amount=money(amount),
+        retries=retries(ticket, sandboxes),
+        pdf_path=path if pdf is not None else None,
+        pdf_bytes=len(pdf) if pdf is not None else None,
+        problems=tuple(problems),
+    )
+
+
+# Reporting
+
+TABLE_HEADERS = (
+    "case",
+    "Doshii request",
+    "coupon",
+    "status",
+    "amount",
+    "retries",
+    "expected",
+    "ok",
+    "PDF bytes",
+    "PDF",
+)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, a dashed line under the headers."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def cells(row: Row) -> list[str]:
+    """A row of the table; every cell non-empty ("-" for nothing)."""
+    ticket = row.ticket
+    expected = ticket.expected_status
+    if expected == Status.ACTIVATED:
+        expected = f"{expected} {money(ticket.amount_cents)}"
+    return [
+        str(ticket.case.kind),
+        ticket.request_id,
+        ticket.coupon_id,
+        row.status,
+        row.amount,
+        row.retries,
+        expected,
+        "NO" if row.problems else "ok",
+        str(row.pdf_bytes) if row.pdf_bytes is not None else "-",
+        shown(row.pdf_path) if row.pdf_path is not None else "-",
+    ]
+
+
+def print_rows(rows: Sequence[Row]) -> None:
+    """The table, then what differed for each row that is not ok."""
+    say(table(TABLE_HEADERS, [cells(row) for row in rows]))
+    for row in rows:
+        for problem in row.problems:
+            say(f"  request {row.ticket.request_id} ({row.ticket.case.kind}): {problem}")
+    say(
+        "  retries: Doshii PUTs answered other than 200, signed links renewed at Jackpot, "
+        "notifications Jackpot had to send again"
+    )
+
+
+async def dead_letters(settings: Settings) -> list[str]:
+    """Print the namespace's dead letters; returns a problem per letter (or the failure)."""
+    try:
+        letters = await dlq.list_dead(settings)
+    except (aio_pika.exceptions.AMQPError, OSError) as error:
+        return [f"could not read the dead queue: {error}"]
+    if not letters:
+        say(f"dead letters in {topology.Names(settings.namespace).dead}: none")
+        return []
+    say(dlq.table(letters))
+    return [f"dead-lettered: {letter.message_id} ({letter.reason})" for letter in letters]
+
+
+async def management_answers(host: str) -> bool:
+    """Whether something listens on the RabbitMQ management plugin's port."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(host, MANAGEMENT_PORT)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def dashboard_hint(settings: Settings) -> str:
+    """Where the RabbitMQ dashboard is, or how to turn it on."""
+    host = urlsplit(settings.amqp_url.get_secret_value()).hostname or LOOPBACK
+    url = f"http://{host}:{MANAGEMENT_PORT}"
+    if await management_answers(host):
+        return f"{url}  (queues named {settings.namespace}.*)"
+    return (
+        f"not enabled here; `rabbitmq-plugins enable rabbitmq_management`, then {url} (guest/guest)"
+    )
+
+
+async def print_where_to_look(plan: Plan, settings: Settings, keep: bool) -> None:
+    """Pointers for a person: dashboard, metrics, log, PDFs, dead letters."""
+    python = shown(Path(sys.executable))
+    while_up = "while the demo runs" + ("" if keep else "; add --keep to hold it up")
+    namespace_up = "until Ctrl-C" if keep else "needs the namespace, deleted at the end: use --keep"
+    say()
+    say("Where to look")
+    say(f"  RabbitMQ dashboard: {await dashboard_hint(settings)}")
+    say(f"  ingress metrics:    {plan.ingress_url}/metrics  ({while_up})")
+    say(f"  worker metrics:     {plan.worker_url}/metrics  ({while_up})")
+    say(f"  bridge log (JSON):  {shown(plan.log_path)}")
+    say(f"  PDFs:               {shown(plan.pdf_dir)}/")
+    say(
+        f"  dead letters:       (set -a; . {shown(plan.env_path)}; {python} -m shared.cli "
+        f"dlq list)  ({namespace_up})"
+    )
+
+
+async def hold_until_interrupted() -> None:
+    """With --keep: wait for Ctrl-C, then let the clean-up run (SIGTERM cancels the demo)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    note("holding everything up (--keep): Ctrl-C to clean up and exit")
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+# Running
+
+
+async def exercise(plan: Plan, settings: Settings, sandboxes: Sandboxes, keep: bool) -> list[str]:
+    """Deliver every case, wait, check and report; returns what differed from the expectation."""
+    tickets = open_tickets(sandboxes, settings, plan.ingress_url)
+    note(f"delivering {len(tickets)} vouchers (at most {DEADLINE_S:.0f} s)")
+    started = time.monotonic()
+    failures = await deliver_all(sandboxes, tickets)
+    done = finished(sandboxes.doshii, tickets)
+    note(f"  {done}/{len(tickets)} finished in {time.monotonic() - started:.1f} s")
+    rows = [check(t, sandboxes, plan.pdf_dir, failures.get(t.request_id)) for t in tickets]
+    say()
+    print_rows(rows)
+    problems = [f"request {r.ticket.request_id}: {p}" for r in rows for p in r.problems]
+    problems += await dead_letters(settings)
+    await print_where_to_look(plan, settings, keep)
+    if keep:
+        await hold_until_interrupted()
+    return problems
+
+
+async def delete_namespace(settings: Settings) -> None:
+    """Delete every exchange and queue of the run's namespace."""
+    connection = await aio_pika.connect(
+        settings.amqp_url.get_secret_value(),
+        client_properties={"connection_name": connection_name("demo cleanup")},
+    )
+    async with connection:
+        channel = await connection.channel()
+        await topology.delete(channel, settings.namespace, tiers_s=settings.retry_tiers_s)
+
+
+async def run_to_end(cleanup: Coroutine[Any, Any, _T]) -> _T:
+    """Await a clean-up to its end even when the demo is cancelled (Ctrl-C) meanwhile."""
+    task = asyncio.ensure_future(cleanup)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+async def clean_up(bridge: Bridge, settings: Settings) -> list[str]:
+    """Stop `bridge run`, then delete the namespace it declared; returns what went wrong."""
+    problems: list[str] = []
+    code = await stop_bridge(bridge)
+    say(f"cleanup: `bridge run` stopped (exit status {code})")
+    if code != 0:
+        problems.append(f"`bridge run` exited with status {code} after SIGTERM")
+    try:
+        async with asyncio.timeout(CLEANUP_TIMEOUT_S):
+            await delete_namespace(settings)
+        say(f"cleanup: namespace {settings.namespace} deleted from the broker")
+    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as error:
+        problem = (
+            f"could not delete namespace {settings.namespace} ({type(error).__name__}: "
+            f"{error}); delete its {settings.namespace}.* queues and exchanges by hand"
+        )
+        say(f"cleanup: {problem}")
+        problems.append(problem)
+    return problems
+
+
+async def close_sandboxes(sandboxes: Sandboxes) -> None:
+    """Stop both sandboxes."""
+    await sandboxes.close()
+    say("cleanup: sandboxes stopped")
+
+
+def print_header(plan: Plan, sandboxes: Sandboxes) -> None:
+    """What this run is and where its pieces listen."""
+    say("voucher-bridge demo: Jackpot -> ingress -> RabbitMQ -> workers -> Doshii")
+    say(f"namespace: {plan.namespace}")
+    say(f"  Jackpot sandbox: {sandboxes.jackpot_url}   Doshii sandbox: {sandboxes.doshii_url}")
+    say(f"  ingress: {plan.ingress_url}   worker status: {plan.worker_url}")
+    say(f"  bridge log: {shown(plan.log_path)}")
+
+
+def print_verdict(problems: Sequence[str], tickets: int, runtime_s: float) -> None:
+    """The last line(s): OK, or FAILED with every difference."""
+    say()
+    if not problems:
+        say(
+            f"RESULT: OK - all {tickets} vouchers ended as expected, nothing dead-lettered "
+            f"({runtime_s:.1f} s)"
+        )
+        return
+    say(f"RESULT: FAILED - {len(problems)} difference(s) ({runtime_s:.1f} s):")
+    for problem in problems:
+        say(f"  - {problem}")
+
+
+def cancel_on_sigterm() -> None:
+    """SIGTERM cancels the demo like Ctrl-C does, so its clean-up still runs."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
+async def with_bridge(
+    plan: Plan, values: Mapping[str, str], sandboxes: Sandboxes, keep: bool
+) -> list[str]:
+    """Start `bridge run`, exercise it, then stop it and delete its namespace, whatever happens."""
+    settings = load_settings(**values)
+    bridge = await start_bridge(plan, values)
+    problems: list[str] = []
+    try:
+        note(f"started `bridge run` (pid {bridge.process.pid}); waiting for /readyz")
+        ready_s = await wait_ready(bridge, plan)
+        note(f"`bridge run` ready in {ready_s:.1f} s")
+        problems += await exercise(plan, settings, sandboxes, keep)
+    finally:
+        problems += await run_to_end(clean_up(bridge, settings))
+    return problems
+
+
+async def run_demo(keep: bool) -> int:
+    """The whole demo; returns the exit status. Cleans up whatever happens, Ctrl-C included."""
+    started = time.monotonic()
+    cancel_on_sigterm()
+    plan = make_plan()
+    sandboxes = await start_sandboxes(LOOPBACK)
+    try:
+        values = bridge_values(plan, sandboxes)
+        write_env_file(plan, values)
+        print_header(plan, sandboxes)
+        problems = await with_bridge(plan, values, sandboxes, keep)
+    finally:
+        await run_to_end(close_sandboxes(sandboxes))
+    print_verdict(problems, len(CASES), time.monotonic() - started)
+    return 1 if problems else 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line: only `--keep`."""
+    top = argparse.ArgumentParser(
+        prog="python -m sandbox.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the table, keep everything running until Ctrl-C (metrics, dlq list)",
+    )
+    return top.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo: 0 when every voucher ended as expected, 1 otherwise, 130/143 if stopped."""
+    args = parse_args(argv)
+    try:
+        return asyncio.run(run_demo(args.keep))
+    except KeyboardInterrupt:
+        note("interrupted (Ctrl-C): cleaned up")
+        return INTERRUPTED_EXIT_CODE
+    except asyncio.CancelledError:
+        note("terminated (SIGTERM): cleaned up")
+        return TERMINATED_EXIT_CODE
+    except (DemoError, SettingsError) as error:
+        note(f"demo failed: {error}")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
