@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
+from pamqp.common import FieldTable
 
 from shared import envelope
 from shared.broker import Outgoing
@@ -27,7 +28,11 @@ async def publish(
     channel: AbstractChannel, names: Names, route: Route, body: bytes, mid: str
 ) -> None:
     exchange = await channel.get_exchange(names.events, ensure=False)
-    headers = {envelope.LOCATION: "loc", envelope.REQUEST: "req", envelope.AMOUNT_CENTS: 100}
+    headers: FieldTable = {
+        envelope.LOCATION: "loc",
+        envelope.REQUEST: "req",
+        envelope.AMOUNT_CENTS: 100,
+    }
     await exchange.publish(
         aio_pika.Message(body, message_id=mid, headers=headers, delivery_mode=2), routing_key=route
     )

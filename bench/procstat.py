@@ -1,0 +1,65 @@
+"""CPU time of a process from /proc/PID/stat, and finding the broker's (`beam.smp`) processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+US_PER_S = 1_000_000
+BROKER_COMM = "beam.smp"
+PROC = Path("/proc")
+
+# 1-based field numbers in proc(5): utime, stime, cutime, cstime.
+_FIRST_CPU_FIELD = 14
+_LAST_CPU_FIELD = 17
+# Fields after "(comm)" start at field 3 (state); comm may hold spaces and parentheses.
+_FIRST_FIELD_AFTER_COMM = 3
+
+
+def parse_cpu_ticks(stat_line: str) -> int:
+    """utime + stime + cutime + cstime, in clock ticks, from one /proc/PID/stat line."""
+    _, close, rest = stat_line.rpartition(")")
+    if not close:
+        raise ValueError(f"not a /proc/PID/stat line: {stat_line!r}")
+    fields = rest.split()
+    first = _FIRST_CPU_FIELD - _FIRST_FIELD_AFTER_COMM
+    last = _LAST_CPU_FIELD - _FIRST_FIELD_AFTER_COMM
+    if len(fields) <= last:
+        raise ValueError(f"/proc/PID/stat line too short: {stat_line!r}")
+    return sum(int(field) for field in fields[first : last + 1])
+
+
+def cpu_ticks(pid: int) -> int:
+    """CPU time the process and its waited-for children have used, in clock ticks."""
+    return parse_cpu_ticks((PROC / str(pid) / "stat").read_text())
+
+
+def pids_named(comm: str, proc: Path = PROC) -> list[int]:
+    """Every process whose /proc/PID/comm is exactly `comm`."""
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == comm:
+                pids.append(int(entry.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return sorted(pids)
+
+
+def total_cpu_ticks(pids: list[int]) -> int:
+    """Summed CPU ticks of `pids`; a process that has gone counts as zero."""
+    total = 0
+    for pid in pids:
+        try:
+            total += cpu_ticks(pid)
+        except OSError:
+            continue
+    return total
+
+
+def ticks_to_us(ticks: int) -> float:
+    """Clock ticks to microseconds."""
+    return ticks * US_PER_S / CLOCK_TICKS_PER_S
