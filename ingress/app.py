@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -99,17 +98,6 @@ def parse_voucher(body: bytes) -> Voucher:
         raise ApiError(400, "invalid_voucher", _field_errors(error), outcome="invalid") from error
 
 
-def build_message(names: Names, voucher: Voucher, body: bytes, headers: dict[str, Any]) -> Outgoing:
-    return Outgoing(
-        exchange=names.events,
-        routing_key=voucher.route,
-        body=body,
-        message_id=voucher.message_id,
-        correlation_id=str(voucher.id),
-        headers=headers,
-    )
-
-
 async def _store(ingress: Ingress, message: Outgoing) -> str:
     """Publish with a confirm; while the broker cannot take it, spool it. Returns where it went."""
     spool = ingress.spool
@@ -141,15 +129,25 @@ def _unavailable(reason: str) -> ApiError:
     )
 
 
+def _content_type_ok(request: web.Request) -> bool:
+    raw = request.headers.get("Content-Type")
+    # Jackpot sends exactly this; only other spellings pay for a full parse.
+    return raw == "application/json" or request.content_type == "application/json"
+
+
+def _accepted(status: str, message_id: str) -> web.Response:
+    body = b'{"status":"%s","messageId":"%s"}' % (status.encode(), message_id.encode())
+    return web.Response(body=body, content_type="application/json")
+
+
 async def receive_notification(request: web.Request) -> web.Response:
     """POST /notifications/jackpot/reserve?notificationKey=K with the voucher JSON."""
     started = time.perf_counter()
     ingress = request.app[INGRESS]
     outcome = "error"
-    voucher: Voucher | None = None
-    request_id: str | None = None
+    voucher_id = coupon_id = state = request_id = None
     try:
-        if request.content_type != "application/json":
+        if not _content_type_ok(request):
             raise ApiError(
                 415,
                 "unsupported_media_type",
@@ -169,9 +167,17 @@ async def receive_notification(request: web.Request) -> web.Response:
         except web.HTTPRequestEntityTooLarge as error:
             raise _too_large() from error
         voucher = parse_voucher(body)
-        headers = envelope.claim_headers(claims, int(time.time() * 1000))
-        outcome = await _store(ingress, build_message(ingress.names, voucher, body, headers))
-        return web.json_response({"status": outcome, "messageId": voucher.message_id})
+        voucher_id, coupon_id, state = str(voucher.id), voucher.couponId, str(voucher.state)
+        message = Outgoing(
+            exchange=ingress.names.events,
+            routing_key=voucher.route,
+            body=body,
+            message_id=f"{voucher_id}:{state}",
+            correlation_id=voucher_id,
+            headers=envelope.claim_headers(claims, int(time.time() * 1000)),
+        )
+        outcome = await _store(ingress, message)
+        return _accepted(outcome, message.message_id)
     except ApiError as error:
         outcome = error.outcome
         raise
@@ -181,9 +187,9 @@ async def receive_notification(request: web.Request) -> web.Response:
         metrics.INGRESS_SECONDS.observe(duration_s)
         log.info(
             "notification",
-            voucher_id=str(voucher.id) if voucher else None,
-            coupon_id=voucher.couponId if voucher else None,
-            state=str(voucher.state) if voucher else None,
+            voucher_id=voucher_id,
+            coupon_id=coupon_id,
+            state=state,
             doshii_request_id=request_id,
             outcome=outcome,
             duration_ms=round(duration_s * 1000, 3),

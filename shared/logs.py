@@ -12,20 +12,35 @@ import sys
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
+import orjson
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
 
 
+def _dumps(event: Any, **_: Any) -> str:
+    # orjson: the per-notification log line is on the ingress's hot path.
+    return orjson.dumps(event, default=repr).decode()
+
+
 def configure(
-    level: str = "info", *, json: bool | None = None, stream: TextIO | None = None
+    level: str = "info",
+    *,
+    json: bool | None = None,
+    stream: TextIO | None = None,
+    cache: bool = True,
 ) -> None:
-    """Configure structlog for the process; `json=None` picks JSON unless the stream is a TTY."""
+    """Configure structlog for the process; `json=None` picks JSON unless the stream is a TTY.
+
+    `cache=False` lets a later call take effect for loggers already used (tests do that).
+    """
     stream = stream or sys.stderr
     as_json = (not stream.isatty()) if json is None else json
     renderer: Any = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
+        if as_json
+        else structlog.dev.ConsoleRenderer()
     )
     structlog.configure(
         processors=[
@@ -37,7 +52,7 @@ def configure(
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.lower()]),
         logger_factory=structlog.WriteLoggerFactory(file=stream),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     # Libraries log through the standard library; keep their warnings, in the same stream.
     logging.basicConfig(stream=stream, level=logging.WARNING, format="%(name)s %(message)s")

@@ -102,10 +102,6 @@ class Voucher(BaseModel):
     def route(self) -> Route:
         return route_for(self.state)
 
-    @property
-    def message_id(self) -> str:
-        return f"{self.id}:{self.state}"
-
 
 def route_for(state: str) -> Route:
     if state == VoucherState.RESERVED:

@@ -323,7 +323,7 @@ async def test_one_log_line_per_notification_without_key_or_link(
     client: Client, broker: Names
 ) -> None:
     stream = io.StringIO()
-    logs.configure("info", json=True, stream=stream)
+    logs.configure("info", json=True, stream=stream, cache=False)
     secret_key = key()
     body = voucher("READY")
     await post(client, encode(body), secret_key)
