@@ -5,13 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
-
 from shared import envelope, metrics
 from shared.errors import PermanentError
 from shared.models import DoshiiStatus, DoshiiUpdate
 from shared.partners import PartnerRefused
 from workers.deps import Deps
+from workers.messages import decode
 from workers.runner import Handler, Incoming, Outcome
 
 # Doshii answers these when an update does not fit the request's state: look before giving up.
@@ -46,12 +45,7 @@ def why_not(record: dict[str, Any], update: DoshiiUpdate) -> str:
 
 def make_handler(deps: Deps) -> Handler:
     async def handle(message: Incoming) -> Outcome:
-        try:
-            update = DoshiiUpdate.model_validate_json(message.body)
-        except ValidationError as error:
-            raise PermanentError(
-                f"body is not a Doshii update: {error.error_count()} errors"
-            ) from error
+        update = decode(DoshiiUpdate, message.body, "a Doshii update")
         try:
             await deps.doshii.put(update.location_id, update.request_id, update.body())
             detail = str(update.status)

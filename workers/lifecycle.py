@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from shared.models import DoshiiStatus, DoshiiUpdate, VoucherState
+from shared.models import VoucherState
 from workers.deps import Deps
-from workers.messages import doshii_update, voucher_of
+from workers.messages import cancellation, voucher_of
 from workers.runner import Handler, Incoming, Outcome
 
 ENDING_STATES = frozenset({VoucherState.CANCELED, VoucherState.EXPIRED, VoucherState.REFUNDED})
@@ -15,15 +15,7 @@ def make_handler(deps: Deps) -> Handler:
         voucher, claims = voucher_of(message)
         if voucher.state not in ENDING_STATES:
             return Outcome("ignored", detail=f"state {voucher.state} needs nothing from Doshii")
-        update = DoshiiUpdate(
-            location_id=claims.location_id,
-            request_id=claims.request_id,
-            voucher_id=voucher.id,
-            coupon_id=voucher.couponId,
-            status=DoshiiStatus.CANCELLED,
-            reference=voucher.couponId,
-            cancelled_reason=f"Jackpot voucher {voucher.couponId} is {voucher.state}",
-        )
-        return Outcome(emit=[doshii_update(deps.names, message, update)])
+        reason = f"Jackpot voucher {voucher.couponId} is {voucher.state}"
+        return Outcome(emit=[cancellation(deps.names, message, voucher, claims, reason)])
 
     return handle

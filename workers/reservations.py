@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import structlog
 
-from shared.models import DoshiiStatus, DoshiiUpdate, KeyClaims, Voucher, value_to_cents
+from shared.models import DoshiiStatus, KeyClaims, Voucher, value_to_cents
 from shared.settings import ConfirmMode
 from workers.deps import Deps
-from workers.messages import doshii_update, voucher_of
+from workers.messages import cancellation, voucher_of
 from workers.runner import Handler, Incoming, Outcome
 
 log = structlog.get_logger("reservations")
@@ -38,16 +38,8 @@ def make_handler(deps: Deps) -> Handler:
             await deps.jackpot.cancel(voucher_id)
             emit = []
             if status == DoshiiStatus.PENDING:
-                update = DoshiiUpdate(
-                    location_id=claims.location_id,
-                    request_id=claims.request_id,
-                    voucher_id=voucher.id,
-                    coupon_id=voucher.couponId,
-                    status=DoshiiStatus.CANCELLED,
-                    reference=voucher.couponId,
-                    cancelled_reason=f"Gift card not issued: {problem}",
-                )
-                emit.append(doshii_update(deps.names, message, update))
+                reason = f"Gift card not issued: {problem}"
+                emit.append(cancellation(deps.names, message, voucher, claims, reason))
             log.warning("reservation_rejected", reason=problem, coupon_id=voucher.couponId)
             return Outcome("rejected", emit=emit, detail=problem)
 
