@@ -11,6 +11,9 @@ The demo process plays Jackpot and the POS (both sandboxes, in-process on loopba
     4. wait, bounded, until every Doshii request is final; print a table and where to look;
     5. stop `bridge run`, delete the namespace from the broker and stop the sandboxes.
 
+Steps 2 to 4 are the story in `sandbox/story.py`, which `bridge sandbox --story` also plays
+against a bridge deployed elsewhere (compose's demo profile).
+
 Exit status 0 only when every voucher ended as expected and nothing was dead-lettered. The PDFs,
 the bridge's log and its settings (`bridge.env`) stay under `var/demo-<namespace>/`. With
 `--keep`, everything stays up after the table (metrics, `bridge dlq list`) until Ctrl-C.
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import os
 import secrets
@@ -32,8 +34,6 @@ import sys
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -41,19 +41,13 @@ from urllib.parse import urlsplit
 import aio_pika
 import aiohttp
 
-from ingress.app import NOTIFICATION_PATH
-from sandbox.doshii import DoshiiSandbox, Status
-from sandbox.faults import Fault, FaultRoute
-from sandbox.jackpot import JackpotSandbox, State
 from sandbox.server import Sandboxes, start_sandboxes
+from sandbox.story import CASES, Row, Ticket, Timing, expected, play_story
 from shared import topology
 from shared.broker import connection_name
 from shared.errors import SettingsError
-from shared.keys import KeyRing
-from shared.models import KeyClaims, value_to_cents
 from shared.settings import ENV_PREFIX, Settings, load_settings
 from workers import dlq
-from workers.pdfs import PDF_MAGIC
 
 _T = TypeVar("_T")
 
@@ -74,15 +68,13 @@ PROBE_TIMEOUT_S = 1.0
 # Every voucher must be final (activated or cancelled) within this long of the first delivery.
 DEADLINE_S = 45.0
 PROGRESS_INTERVAL_S = 1.0
+# Jackpot re-sends a refused notification for as long as the demo waits.
+DEMO_TIMING = Timing(DEADLINE_S, DEADLINE_S, PROGRESS_INTERVAL_S)
 # How long `bridge run` may take to stop after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 15.0
 CLEANUP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 15
-DOSHII_FAULT_STATUS = 503
-DOSHII_FAULT_TIMES = 2
-CENTS_PER_UNIT = 100
 MANAGEMENT_PORT = 15672
-FINAL_STATUSES = (Status.ACTIVATED.value, Status.CANCELLED.value)
 # Exit statuses of a run cut short: by Ctrl-C (SIGINT) or by SIGTERM, after cleaning up.
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
@@ -90,51 +82,6 @@ TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 
 class DemoError(Exception):
     """The demo cannot go on; the message says why, for a person."""
-
-
-class Kind(StrEnum):
-    """What happens to a voucher on its way; the value is the table's `case` column."""
-
-    PLAIN = "plain"
-    EXPIRED_LINK = "expired link"
-    CANCELLED = "cancelled at Jackpot"
-    DOSHII_503 = f"Doshii {DOSHII_FAULT_STATUS} x{DOSHII_FAULT_TIMES}"
-
-
-@dataclass(frozen=True)
-class Case:
-    """One voucher to play: its kind and its Jackpot value (in currency units)."""
-
-    kind: Kind
-    value: Decimal
-
-
-CASES = (
-    Case(Kind.PLAIN, Decimal(25)),
-    Case(Kind.PLAIN, Decimal(50)),
-    Case(Kind.PLAIN, Decimal(110)),
-    Case(Kind.PLAIN, Decimal("37.50")),
-    Case(Kind.EXPIRED_LINK, Decimal(40)),
-    Case(Kind.CANCELLED, Decimal(60)),
-    Case(Kind.DOSHII_503, Decimal(150)),
-)
-
-
-@dataclass(frozen=True)
-class Ticket:
-    """A case in flight: the Doshii request it pays for and the Jackpot voucher reserved for it."""
-
-    case: Case
-    request_id: str
-    location_id: str
-    voucher_id: str
-    coupon_id: str
-    amount_cents: int
-
-    @property
-    def expected_status(self) -> str:
-        cancelled = self.case.kind is Kind.CANCELLED
-        return Status.CANCELLED.value if cancelled else Status.ACTIVATED.value
 
 
 @dataclass(frozen=True)
@@ -188,19 +135,6 @@ class Bridge:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:]) or "(the log is empty)"
-
-
-@dataclass(frozen=True)
-class Row:
-    """How one voucher ended, checked against what was expected."""
-
-    ticket: Ticket
-    status: str
-    amount: str
-    retries: str
-    pdf_path: Path | None
-    pdf_bytes: int | None
-    problems: tuple[str, ...]
 
 
 # Setting up
@@ -343,231 +277,6 @@ async def stop_bridge(bridge: Bridge) -> int:
     return process.returncode if process.returncode is not None else -1
 
 
-# Vouchers
-
-
-def open_ticket(
-    sandboxes: Sandboxes, keys: KeyRing, settings: Settings, notification_url: str, case: Case
-) -> Ticket:
-    """A pending Doshii request (the POS), its key, and a Jackpot voucher reserved with it."""
-    cents = value_to_cents(case.value, settings.value_to_cents)
-    request_id = sandboxes.doshii.create_request(amount_cents=cents)
-    location_id = sandboxes.doshii.locations[request_id]
-    claims = KeyClaims(location_id=location_id, request_id=request_id, amount_cents=cents)
-    voucher = sandboxes.jackpot.reserve(
-        notification_url=notification_url, notification_key=keys.mint(claims), value=case.value
-    )
-    return Ticket(case, request_id, location_id, voucher["id"], voucher["couponId"], cents)
-
-
-def open_tickets(sandboxes: Sandboxes, settings: Settings, ingress_url: str) -> list[Ticket]:
-    """One ticket per case, every key minted with the run's secret."""
-    keys = KeyRing(settings.key_secrets)
-    url = f"{ingress_url}{NOTIFICATION_PATH}"
-    return [open_ticket(sandboxes, keys, settings, url, case) for case in CASES]
-
-
-async def wait_final(doshii: DoshiiSandbox, tickets: Sequence[Ticket]) -> None:
-    """Wait until every ticket's Doshii request is activated or cancelled."""
-    await asyncio.gather(
-        *(
-            doshii.wait_for_status(t.request_id, *FINAL_STATUSES, timeout_s=DEADLINE_S)
-            for t in tickets
-        )
-    )
-
-
-async def cancel_after_confirm(jackpot: JackpotSandbox, voucher_id: str) -> None:
-    """RESERVED, wait for the bridge's confirm, then CANCELED at Jackpot and notified."""
-    status = await jackpot.notify(voucher_id, State.RESERVED, retry_window_s=DEADLINE_S)
-    if status != 200:
-        raise DemoError(f"the ingress answered RESERVED with {status}")
-    await jackpot.wait_for_state(voucher_id, State.CONFIRMED, timeout_s=DEADLINE_S)
-    jackpot.set_state(voucher_id, State.CANCELED)
-    status = await jackpot.notify(voucher_id, retry_window_s=DEADLINE_S)
-    if status != 200:
-        raise DemoError(f"the ingress answered CANCELED with {status}")
-
-
-async def play(ticket: Ticket, sandboxes: Sandboxes, tickets: Sequence[Ticket]) -> None:
-    """Jackpot's side of one voucher's life, as its case wants it."""
-    kind = ticket.case.kind
-    if kind is Kind.CANCELLED:
-        await cancel_after_confirm(sandboxes.jackpot, ticket.voucher_id)
-        return
-    if kind is Kind.DOSHII_503:
-        # Faults are per route, not per request: wait until the others are done with Doshii.
-        await wait_final(sandboxes.doshii, [t for t in tickets if t is not ticket])
-        fault = Fault(status=DOSHII_FAULT_STATUS, times=DOSHII_FAULT_TIMES)
-        sandboxes.faults.set(FaultRoute.DOSHII_PUT, fault)
-    outcome = await sandboxes.jackpot.deliver(
-        ticket.voucher_id,
-        expired_link=kind is Kind.EXPIRED_LINK,
-        retry_window_s=DEADLINE_S,
-        confirm_timeout_s=DEADLINE_S,
-    )
-    if outcome.ready_status != 200:
-        raise DemoError(
-            f"notifications not taken: RESERVED {outcome.reserved_status}, "
-            f"READY {outcome.ready_status}, voucher {outcome.state}"
-        )
-
-
-def finished(doshii: DoshiiSandbox, tickets: Sequence[Ticket]) -> int:
-    """How many tickets' Doshii requests are no longer pending."""
-    pending = Status.PENDING.value
-    return sum(doshii.requests[t.request_id]["status"] != pending for t in tickets)
-
-
-async def show_progress(doshii: DoshiiSandbox, tickets: Sequence[Ticket]) -> None:
-    """A line on stderr every second: how many vouchers are final."""
-    started = time.monotonic()
-    while True:
-        await asyncio.sleep(PROGRESS_INTERVAL_S)
-        elapsed_s = time.monotonic() - started
-        note(f"  {finished(doshii, tickets)}/{len(tickets)} finished ({elapsed_s:.0f} s)")
-
-
-async def deliver_all(sandboxes: Sandboxes, tickets: Sequence[Ticket]) -> dict[str, str]:
-    """Play every ticket concurrently and wait until all are final, within DEADLINE_S.
-
-    Returns why a ticket's play failed, by Doshii request id; on timeout, the stuck ones.
-    """
-    plays = [asyncio.create_task(play(t, sandboxes, tickets)) for t in tickets]
-    progress = asyncio.create_task(show_progress(sandboxes.doshii, tickets))
-    failures: dict[str, str] = {}
-    try:
-        async with asyncio.timeout(DEADLINE_S):
-            results = await asyncio.gather(*plays, return_exceptions=True)
-            for ticket, result in zip(tickets, results, strict=True):
-                if isinstance(result, BaseException):
-                    failures[ticket.request_id] = f"{type(result).__name__}: {result}"
-            await wait_final(sandboxes.doshii, [t for t in tickets if t.request_id not in failures])
-    except TimeoutError:
-        for request_id, why in stuck(sandboxes, tickets).items():
-            earlier = failures.get(request_id)
-            failures[request_id] = why if earlier is None else f"{earlier}; {why}"
-    finally:
-        for task in (*plays, progress):
-            task.cancel()
-        await asyncio.gather(*plays, progress, return_exceptions=True)
-    return failures
-
-
-def stuck(sandboxes: Sandboxes, tickets: Sequence[Ticket]) -> dict[str, str]:
-    """Every ticket still pending at the deadline, with where it stopped; also on stderr."""
-    found: dict[str, str] = {}
-    for ticket in tickets:
-        if sandboxes.doshii.requests[ticket.request_id]["status"] != Status.PENDING:
-            continue
-        jackpot_state = sandboxes.jackpot.vouchers[ticket.voucher_id]["state"]
-        answers = [
-            d.status for d in sandboxes.jackpot.deliveries if d.voucher_id == ticket.voucher_id
-        ]
-        found[ticket.request_id] = (
-            f"stuck after {DEADLINE_S:.0f} s: Doshii pending, Jackpot {jackpot_state}, "
-            f"ingress answers {answers}"
-        )
-        note(f"STUCK {ticket.case.kind} request {ticket.request_id}: {found[ticket.request_id]}")
-    return found
-
-
-# Checking
-
-
-def money(cents: object) -> str:
-    """`11000` (cents, as int or digits) as `110.00`; `-` when there is none."""
-    try:
-        return f"{Decimal(str(cents)) / CENTS_PER_UNIT:.2f}"
-    except ArithmeticError:
-        return "-"
-
-
-def retries(ticket: Ticket, sandboxes: Sandboxes) -> str:
-    """What had to be tried again: refused Doshii PUTs, renewed links, re-sent notifications."""
-    puts = sandboxes.doshii.puts.get(ticket.request_id, [])
-    refused = collections.Counter(p["status"] for p in puts if p["status"] != 200)
-    parts = [f"Doshii PUT {status or 'dropped'} x{n}" for status, n in sorted(refused.items())]
-    renewed = sandboxes.jackpot.signedurl_calls[ticket.voucher_id]
-    if renewed:
-        parts.append(f"link renewed x{renewed}")
-    resent = sum(
-        d.voucher_id == ticket.voucher_id and d.status != 200 for d in sandboxes.jackpot.deliveries
-    )
-    if resent:
-        parts.append(f"notification re-sent x{resent}")
-    return ", ".join(parts) or "-"
-
-
-def accepted_update(ticket: Ticket, doshii: DoshiiSandbox) -> dict[str, Any]:
-    """The body of the last PUT Doshii accepted for the ticket's request (empty if none)."""
-    bodies = [p["body"] for p in doshii.puts.get(ticket.request_id, []) if p["status"] == 200]
-    last = bodies[-1] if bodies else {}
-    return last if isinstance(last, dict) else {}
-
-
-def pdf_problems(ticket: Ticket, sandboxes: Sandboxes, pdf: bytes | None) -> list[str]:
-    """What is wrong with the stored PDF of an activated voucher."""
-    if pdf is None:
-        return ["no PDF stored"]
-    if not pdf.startswith(PDF_MAGIC):
-        return ["the stored file does not start with %PDF-"]
-    if pdf != sandboxes.jackpot.pdf(ticket.voucher_id):
-        return ["the stored PDF differs from Jackpot's"]
-    return []
-
-
-def activation_problems(ticket: Ticket, sandboxes: Sandboxes, pdf: bytes | None) -> list[str]:
-    """What differs from: activated with the voucher's amount, reference = couponId, PDF kept."""
-    problems = pdf_problems(ticket, sandboxes, pdf)
-    update = accepted_update(ticket, sandboxes.doshii)
-    if str(update.get("amount")) != str(ticket.amount_cents):
-        problems.append(f"activated with amount {update.get('amount')}, not {ticket.amount_cents}")
-    reference = sandboxes.doshii.requests[ticket.request_id].get("reference")
-    if reference != ticket.coupon_id:
-        problems.append(f"reference is {reference!r}, not the couponId {ticket.coupon_id}")
-    kind = ticket.case.kind
-    if kind is Kind.EXPIRED_LINK and not sandboxes.jackpot.signedurl_calls[ticket.voucher_id]:
-        problems.append("the expired link was never renewed")
-    refused = [p for p in sandboxes.doshii.puts.get(ticket.request_id, []) if p["status"] != 200]
-    if kind is Kind.DOSHII_503 and not refused:
-        problems.append("the injected 503s never reached this request")
-    return problems
-
-
-def cancellation_problems(ticket: Ticket, sandboxes: Sandboxes, pdf: bytes | None) -> list[str]:
-    """What differs from: cancelled at Jackpot, no PDF kept."""
-    problems = [] if pdf is None else ["a PDF was stored for a cancelled voucher"]
-    state = sandboxes.jackpot.vouchers[ticket.voucher_id]["state"]
-    if state != State.CANCELED:
-        problems.append(f"the Jackpot voucher is {state}, not CANCELED")
-    return problems
-
-
-def check(ticket: Ticket, sandboxes: Sandboxes, pdf_dir: Path, failure: str | None) -> Row:
-    """Read how the ticket ended at Doshii and on disk, and what differs from the expectation."""
-    status = str(sandboxes.doshii.requests[ticket.request_id]["status"])
-    path = pdf_dir / f"{ticket.voucher_id}.pdf"
-    pdf = path.read_bytes() if path.is_file() else None
-    problems = [] if failure is None else [failure]
-    if status != ticket.expected_status:
-        problems.append(f"Doshii says {status}, expected {ticket.expected_status}")
-    elif ticket.expected_status == Status.ACTIVATED:
-        problems += activation_problems(ticket, sandboxes, pdf)
-    else:
-        problems += cancellation_problems(ticket, sandboxes, pdf)
-    amount = accepted_update(ticket, sandboxes.doshii).get("amount")
-    return Row(
-        ticket=ticket,
-        status=status,
-        amount=money(amount),
-        retries=retries(ticket, sandboxes),
-        pdf_path=path if pdf is not None else None,
-        pdf_bytes=len(pdf) if pdf is not None else None,
-        problems=tuple(problems),
-    )
-
-
 # Reporting
 
 TABLE_HEADERS = (
@@ -597,9 +306,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def cells(row: Row) -> list[str]:
     """A row of the table; every cell non-empty ("-" for nothing)."""
     ticket = row.ticket
-    expected = ticket.expected_status
-    if expected == Status.ACTIVATED:
-        expected = f"{expected} {money(ticket.amount_cents)}"
     return [
         str(ticket.case.kind),
         ticket.request_id,
@@ -607,7 +313,7 @@ def cells(row: Row) -> list[str]:
         row.status,
         row.amount,
         row.retries,
-        expected,
+        expected(ticket),
         "NO" if row.problems else "ok",
         str(row.pdf_bytes) if row.pdf_bytes is not None else "-",
         shown(row.pdf_path) if row.pdf_path is not None else "-",
@@ -696,18 +402,39 @@ async def hold_until_interrupted() -> None:
 # Running
 
 
+class NoteObserver:
+    """Tells the story's progress on stderr, as lines of progress (`note`)."""
+
+    def started(self, vouchers: int, deadline_s: float) -> None:
+        """Delivery starts, with its deadline."""
+        note(f"delivering {vouchers} vouchers (at most {deadline_s:.0f} s)")
+
+    def progress(self, finished: int, vouchers: int, elapsed_s: float) -> None:
+        """How many vouchers are final so far."""
+        note(f"  {finished}/{vouchers} finished ({elapsed_s:.0f} s)")
+
+    def stuck(self, ticket: Ticket, why: str) -> None:
+        """A voucher still pending at the deadline."""
+        note(f"STUCK {ticket.case.kind} request {ticket.request_id}: {why}")
+
+    def delivered(self, finished: int, vouchers: int, elapsed_s: float) -> None:
+        """How many vouchers ended, and how long delivery took."""
+        note(f"  {finished}/{vouchers} finished in {elapsed_s:.1f} s")
+
+
 async def exercise(plan: Plan, settings: Settings, sandboxes: Sandboxes, keep: bool) -> list[str]:
     """Deliver every case, wait, check and report; returns what differed from the expectation."""
-    tickets = open_tickets(sandboxes, settings, plan.ingress_url)
-    note(f"delivering {len(tickets)} vouchers (at most {DEADLINE_S:.0f} s)")
-    started = time.monotonic()
-    failures = await deliver_all(sandboxes, tickets)
-    done = finished(sandboxes.doshii, tickets)
-    note(f"  {done}/{len(tickets)} finished in {time.monotonic() - started:.1f} s")
-    rows = [check(t, sandboxes, plan.pdf_dir, failures.get(t.request_id)) for t in tickets]
+    outcome = await play_story(
+        sandboxes,
+        settings,
+        plan.ingress_url,
+        timing=DEMO_TIMING,
+        observer=NoteObserver(),
+        pdf_dir=plan.pdf_dir,
+    )
     say()
-    print_rows(rows)
-    problems = [f"request {r.ticket.request_id}: {p}" for r in rows for p in r.problems]
+    print_rows(outcome.rows)
+    problems = outcome.problems
     problems += await dead_letters(settings)
     await print_where_to_look(plan, settings, keep)
     if keep:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -13,6 +15,7 @@ from sandbox.server import (
     DEFAULT_DOSHII_CLIENT_ID,
     DEFAULT_DOSHII_CLIENT_SECRET,
     DEFAULT_JACKPOT_API_KEY,
+    Sandboxes,
 )
 from shared import logs
 from shared.errors import SettingsError
@@ -98,13 +101,45 @@ def _dlq(args: argparse.Namespace) -> int:
     return run(lambda stop: dlq.command(settings, args))
 
 
+def _story_settings(args: argparse.Namespace) -> Settings:
+    """The settings `--story` mints keys with (BRIDGE_KEY_SECRETS) and converts values with.
+
+    The partner credentials the settings require are this sandbox's own: the story never uses
+    them, so only BRIDGE_KEY_SECRETS (and BRIDGE_VALUE_TO_CENTS) need to be in the environment.
+    """
+    try:
+        return load_settings(
+            jackpot_api_key=args.jackpot_api_key,
+            doshii_client_id=args.doshii_client_id,
+            doshii_client_secret=args.doshii_client_secret,
+        )
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from error
+
+
 def _sandbox(args: argparse.Namespace) -> int:
+    """Serve both sandboxes until SIGTERM; with --story, tell stories against the ingress."""
     from sandbox.server import run_forever
+    from sandbox.story import tell_stories
     from shared.service import run
 
+    if args.story_repeat_s and not args.story:
+        print("bridge sandbox: --story-repeat-s needs --story", file=sys.stderr)
+        return 2
+    settings = _story_settings(args) if args.story else None
     logs.configure("info")
 
-    async def main(stop: asyncio.Event) -> None:
+    async def main(stop: asyncio.Event) -> int:
+        """Serve until `stop`, or until serving fails (exit status 1, say a port in use)."""
+        stories: list[asyncio.Task[None]] = []
+
+        def started(sandboxes: Sandboxes) -> None:
+            """Once the sandboxes answer: start telling stories, if asked to."""
+            if settings is not None:
+                story = tell_stories(sandboxes, settings, args.story, repeat_s=args.story_repeat_s)
+                stories.append(asyncio.create_task(story))
+
         serving = asyncio.create_task(
             run_forever(
                 args.host,
@@ -113,12 +148,46 @@ def _sandbox(args: argparse.Namespace) -> int:
                 args.jackpot_api_key,
                 args.doshii_client_id,
                 args.doshii_client_secret,
+                on_started=started,
             )
         )
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((serving, stopping), return_when=asyncio.FIRST_COMPLETED)
+        # Stories first: they play against the sandboxes, which stop next.
+        for task in (*stories, stopping):
+            task.cancel()
+        await asyncio.gather(*stories, stopping, return_exceptions=True)
+        if serving.done():
+            error = serving.exception()
+            if error is not None:
+                print(f"bridge sandbox: {type(error).__name__}: {error}", file=sys.stderr)
+                return 1
+            return 0
         serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        return 0
 
     return run(main)
+
+
+def _ingress_url(text: str) -> str:
+    """An `http(s)://host[:port]` URL, without a trailing slash."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s)://host[:port] URL")
+    return text.rstrip("/")
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be 0 or more")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -167,6 +236,20 @@ def parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--jackpot-api-key", default=DEFAULT_JACKPOT_API_KEY)
     sandbox.add_argument("--doshii-client-id", default=DEFAULT_DOSHII_CLIENT_ID)
     sandbox.add_argument("--doshii-client-secret", default=DEFAULT_DOSHII_CLIENT_SECRET)
+    sandbox.add_argument(
+        "--story",
+        metavar="INGRESS_URL",
+        type=_ingress_url,
+        help="once up, wait for INGRESS_URL/readyz, then play the demo's vouchers against it and "
+        "log how each ended (keys minted with BRIDGE_KEY_SECRETS); keeps serving afterwards",
+    )
+    sandbox.add_argument(
+        "--story-repeat-s",
+        metavar="N",
+        type=_seconds,
+        default=0.0,
+        help="with --story: play a fresh story every N seconds (default 0: once)",
+    )
     sandbox.set_defaults(func=_sandbox)
     return top
 

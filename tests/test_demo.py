@@ -15,7 +15,7 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import ChannelNotFoundEntity
 
-from sandbox.demo import CASES, Kind
+from sandbox.story import CASES, Kind
 from shared.topology import Names
 from tests.conftest import AMQP_URL
 
