@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench import deps, ingress
+from bench import deps, ingress, pipeline
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         description="the ingress against three reference servers under wrk",
         main=ingress.main,
         requirements=ingress.REQUIREMENTS,
+    ),
+    Benchmark(
+        name="pipeline",
+        description="vouchers end to end: ingress, broker, every worker, the sandboxes",
+        main=pipeline.main,
     ),
 )
 
