@@ -260,8 +260,13 @@ async def _declare_until_done(ingress: Ingress) -> None:
     while True:
         try:
             await declare_topology(ingress.settings)
-        except (TimeoutError, OSError, ConnectionError) as error:
-            log.warning("topology_declare_failed", error=str(error), retry_in_s=DECLARE_RETRY_S)
+        except Exception as error:
+            # Any failure (a broker half up, a reset mid-handshake) is retried, never fatal.
+            log.warning(
+                "topology_declare_failed",
+                error=f"{type(error).__name__}: {error}",
+                retry_in_s=DECLARE_RETRY_S,
+            )
             await asyncio.sleep(DECLARE_RETRY_S)
         else:
             ingress.declared.set()

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp.common import FieldTable
 
 from shared import envelope
@@ -289,3 +289,27 @@ async def test_a_message_that_kills_the_worker_every_time_reaches_the_dead_queue
         assert "delivery_limit" in letters[0].reason
     finally:
         await topology.delete(channel, namespace, tiers_s=settings.retry_tiers_s)
+
+
+async def test_any_connect_failure_is_retried_not_fatal(
+    settings: Settings, broker: Names, channel: AbstractChannel
+) -> None:
+    # aiormq has raised StopAsyncIteration when a peer reset mid-handshake; the loop survives.
+    failures = [StopAsyncIteration(), RuntimeError("odd"), ConnectionResetError()]
+
+    class Flaky(Runner):
+        async def _connect(self) -> AbstractConnection:
+            if failures:
+                raise failures.pop(0)
+            return await super()._connect()
+
+    handled: list[str | None] = []
+
+    async def handle(message: Incoming) -> Outcome:
+        handled.append(message.message_id)
+        return Outcome()
+
+    await publish(channel, broker, Route.LIFECYCLE, b"x", "after-failures")
+    await drain(Flaky(settings, {Stage.LIFECYCLE: handle}))
+    assert failures == []
+    assert handled == ["after-failures"]

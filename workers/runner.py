@@ -368,8 +368,14 @@ class Runner:
             while not stop.is_set():
                 try:
                     connection = await self._connect()
-                except (TimeoutError, AMQPError, OSError, ConnectionError) as error:
-                    log.warning("broker_connect_failed", error=str(error), retry_in_s=delay_s)
+                except Exception as error:
+                    # Not only AMQP and socket errors: aiormq can raise StopAsyncIteration when
+                    # a peer accepts and resets mid-handshake. Nothing may end this loop.
+                    log.warning(
+                        "broker_connect_failed",
+                        error=f"{type(error).__name__}: {error}",
+                        retry_in_s=delay_s,
+                    )
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(asyncio.shield(stopping), delay_s)
                     delay_s = min(delay_s * 2, RECONNECT_MAX_DELAY_S)
