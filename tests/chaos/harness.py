@@ -364,15 +364,19 @@ class Bridge:
         # A message a worker held unacked is back in its queue now: it must not be there.
         held = await self.waiting()
         letters = await dlq.list_dead(self.admin)
+        readiness = [await self.ingress_status() for _ in self.ingresses]
         ingress_codes = [await proc.stop() for proc in self.ingresses]
         crashes = [proc.crash_report() for proc in self.crashed]
-        return Finish(worker_codes, ingress_codes, held, letters, self.spool_depth(), crashes)
+        return Finish(
+            worker_codes, ingress_codes, readiness, held, letters, self.spool_depth(), crashes
+        )
 
 
 @dataclass(frozen=True)
 class Finish:
     worker_codes: list[int]
     ingress_codes: list[int]
+    ingress_readiness: list[str | None]  # what /readyz said once everything had drained
     held: dict[str, int]  # messages left in work queues or tiers once the workers stopped
     letters: list[dlq.DeadLetter]
     spooled: int  # notifications left in the spool once the ingress stopped

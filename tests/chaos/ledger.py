@@ -3,6 +3,10 @@
 A voucher counts as accepted once the ingress answered 200 to one of its notifications. Each
 accepted voucher must end in exactly one place: activated or cancelled (Doshii's final status)
 or dead-lettered (with a reason). `lost` is what is in none of them and must be 0.
+
+Time to drain runs from the end of the fault (broker restored, partner healed, process
+restarted; for scenario 6, the first notification) until every voucher is accounted for and no
+queue, tier, spool or worker holds anything.
 """
 
 from __future__ import annotations
@@ -179,7 +183,13 @@ def markdown(ledgers: Sequence[Ledger]) -> str:
         "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
     lines += ["| " + " | ".join(str(cell) for cell in ledger.row()) + " |" for ledger in ledgers]
-    lines.append("")
+    lines += [
+        "",
+        "Accepted: vouchers the ingress answered 200 for. Duplicates seen: vouchers some stage",
+        "processed more than once (confirmed twice, PDF fetched twice, Doshii PUT answered 409).",
+        "Time to drain: from the end of the fault until nothing is left anywhere.",
+        "",
+    ]
     for ledger in ledgers:
         lines.append(f"- **{ledger.scenario}**: " + "; ".join(ledger.notes))
         lines += [f"  - dead letter: {letter.stage}: {letter.reason}" for letter in ledger.letters]
