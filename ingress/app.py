@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import orjson
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -136,7 +137,7 @@ def _content_type_ok(request: web.Request) -> bool:
 
 
 def _accepted(status: str, message_id: str) -> web.Response:
-    body = b'{"status":"%s","messageId":"%s"}' % (status.encode(), message_id.encode())
+    body = orjson.dumps({"status": status, "messageId": message_id})
     return web.Response(body=body, content_type="application/json")
 
 
@@ -253,6 +254,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             {"error": slug, "detail": error.text or error.reason},
             status=error.status,
             headers=headers,
+        )
+    except Exception:
+        # A bug, not the caller's fault: say so in the same shape, and keep the trace in the log.
+        log.exception("unhandled_error", path=request.path)
+        return web.json_response(
+            {"error": "internal_error", "detail": "the notification was not stored; retry later"},
+            status=500,
         )
 
 

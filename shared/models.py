@@ -79,8 +79,9 @@ class Voucher(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     id: UUID
-    # An unknown state is accepted as its own string and routed to the lifecycle worker.
-    state: VoucherState | Annotated[str, Field(min_length=1, max_length=64)]
+    # An unknown state is accepted as its own string and routed to the lifecycle worker; it
+    # must still look like a state, since it becomes part of the AMQP message id.
+    state: VoucherState | Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     value: Money
     price: Money
     reservationDate: Timestamp

@@ -152,3 +152,9 @@ def test_pdfs_worker_refuses_to_start_without_pdf_hosts() -> None:
     )
     assert result.returncode == 2
     assert "BRIDGE_PDF_HOSTS: is empty" in result.stderr
+
+
+@pytest.mark.parametrize("state", ["", "café", "A B", "<script>", "X" * 65, "NEW\n"])
+def test_unknown_states_must_look_like_states(state: str) -> None:
+    with pytest.raises(ValidationError):
+        Voucher.model_validate_json(encode(voucher(state)))
