@@ -261,3 +261,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
             text = str(value).lower() if isinstance(value, bool) else str(value)
         env[f"BRIDGE_{name.upper()}"] = text
     return env
+
+
+async def test_confirm_mode_notification_never_calls_confirm(
+    make_settings: Callable[..., Settings], broker: Names, channel: AbstractChannel
+) -> None:
+    async with running_pipeline(make_settings, jackpot_confirm="notification") as pipeline:
+        voucher = pipeline.new_voucher()
+        # Jackpot treats the ingress's 200 to RESERVED as the agreement and goes on to READY.
+        outcome = await pipeline.sandboxes.jackpot.deliver(voucher.voucher_id, force=True)
+        assert outcome.ready_status == 200
+        assert await pipeline.doshii_status(voucher, "activated", "cancelled") == "activated"
+        await pipeline.settled(channel)
+        assert pipeline.sandboxes.jackpot.confirm_calls[voucher.voucher_id] == 0
+        assert_activated(pipeline, voucher)
