@@ -313,3 +313,32 @@ async def test_any_connect_failure_is_retried_not_fatal(
     await drain(Flaky(settings, {Stage.LIFECYCLE: handle}))
     assert failures == []
     assert handled == ["after-failures"]
+
+
+async def test_a_follow_up_the_broker_refuses_is_retried_then_dead_lettered_never_stuck(
+    make_settings: Callable[..., Settings], namespace: str, channel: AbstractChannel
+) -> None:
+    from shared import topology
+
+    limit = 2
+    settings = make_settings(delivery_limit=limit)
+    names = await topology.declare(
+        channel, namespace, tiers_s=settings.retry_tiers_s, delivery_limit=limit
+    )
+    calls = 0
+
+    async def handle(message: Incoming) -> Outcome:
+        nonlocal calls
+        calls += 1
+        # Routed nowhere: the mandatory publish comes back, so the message cannot be acked.
+        return Outcome(emit=[Outgoing(names.events, "nowhere", b"x", "lost")])
+
+    try:
+        await publish(channel, names, Route.READY, b"x", "refused:READY")
+        await drain(Runner(settings, {Stage.PDFS: handle}))
+        letters = await dlq.list_dead(settings)
+        assert [letter.message_id for letter in letters] == ["refused:READY"]
+        assert "delivery_limit" in letters[0].reason
+        assert calls == limit + 1
+    finally:
+        await topology.delete(channel, namespace, tiers_s=settings.retry_tiers_s)

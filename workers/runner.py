@@ -23,7 +23,6 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
-from pamqp.exceptions import AMQPFrameError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -203,10 +202,14 @@ class StageRunner:
                     detail=result.detail,
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 )
-        except (AMQPError, ChannelInvalidStateError, ConnectionError, AMQPFrameError) as error:
-            # The broker did not take the follow-up or the ack: leave the message unacked; it
-            # is redelivered when the channel is back, and its effect is idempotent.
+        except Exception as error:
+            # The follow-up or the ack did not go through (channel lost, publish nacked or
+            # unroutable). Hand the message back so it is redelivered, here or after a
+            # reconnect; its effect is idempotent, and the queue's delivery limit sends one
+            # that can never settle to the dead queue.
             log.warning("settle_failed", error=f"{type(error).__name__}: {error}", **context)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
         finally:
             metrics.STAGE_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
 
