@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ log = structlog.get_logger("runner")
 # Quick retries stay within a few seconds so a message is never held for long.
 QUICK_RETRY_BUDGET_S = 5.0
 QUICK_WAIT_MAX_S = 2.0
+# The wait before the first quick retry: 0.1 to 0.2 s, jittered so retries do not align.
+QUICK_FIRST_WAIT_S = 0.1
 # A Retry-After longer than this is waited out in a delay tier, not in process.
 QUICK_RETRY_AFTER_MAX_S = 3.0
 RECONNECT_MAX_DELAY_S = 5.0
@@ -100,17 +103,21 @@ def _wait(state: RetryCallState) -> float:
     return float(_QUICK_WAIT(state))
 
 
+def _too_long(error: BaseException | None) -> bool:
+    """Whether a partner asks for a longer wait than a message may be held for."""
+    return (
+        isinstance(error, TransientError)
+        and error.retry_after_s is not None
+        and error.retry_after_s > QUICK_RETRY_AFTER_MAX_S
+    )
+
+
 class _long_retry_after(stop_base):
     """Stop quick retries when the partner asks for a longer wait than we hold a message for."""
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         outcome = retry_state.outcome
-        error = outcome.exception() if outcome else None
-        return (
-            isinstance(error, TransientError)
-            and error.retry_after_s is not None
-            and error.retry_after_s > QUICK_RETRY_AFTER_MAX_S
-        )
+        return _too_long(outcome.exception() if outcome else None)
 
 
 def choose_tier(tiers_s: Sequence[int], attempt: int, retry_after_s: float | None) -> int | None:
@@ -214,20 +221,8 @@ class StageRunner:
             metrics.STAGE_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
 
     async def _handle(self, incoming: Incoming) -> Result:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientError),
-            stop=(
-                stop_after_attempt(self.settings.quick_retries)
-                | stop_after_delay(QUICK_RETRY_BUDGET_S)
-                | _long_retry_after()
-            ),
-            wait=_wait,
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    outcome = await self.handler(incoming)
+            outcome = await self._attempts(incoming)
         except TransientError as error:
             return Result("retried", str(error), retry_after_s=error.retry_after_s)
         except PermanentError as error:
@@ -236,6 +231,33 @@ class StageRunner:
             log.exception("handler_crashed")
             return Result("dead", f"unexpected error: {type(error).__name__}: {error}")
         return Result(outcome.result, outcome.detail, emit=outcome.emit)
+
+    async def _attempts(self, incoming: Incoming) -> Outcome:
+        """The handler, then a few quick retries (tenacity) if it fails transiently."""
+        try:
+            # Most messages succeed at once: only a transient failure pays for tenacity.
+            return await self.handler(incoming)
+        except TransientError as error:
+            if self.settings.quick_retries <= 1 or _too_long(error):
+                raise
+            first_wait_s = error.retry_after_s
+        if first_wait_s is None:
+            first_wait_s = QUICK_FIRST_WAIT_S + random.uniform(0, QUICK_FIRST_WAIT_S)
+        await asyncio.sleep(first_wait_s)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=(
+                stop_after_attempt(self.settings.quick_retries - 1)
+                | stop_after_delay(QUICK_RETRY_BUDGET_S)
+                | _long_retry_after()
+            ),
+            wait=_wait,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self.handler(incoming)
+        raise RuntimeError("quick retries ended without an outcome")
 
     async def _settle(
         self, message: AbstractIncomingMessage, incoming: Incoming, result: Result
