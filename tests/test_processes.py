@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -134,6 +137,43 @@ async def test_worker_status_server_reports_readiness_and_metrics(
         assert (await ready.json())["status"] == "ready"
         metrics = await (await client.get("/metrics")).text()
         assert "bridge_stage_messages_total" in metrics
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+
+
+def rabbitmqctl(*args: str) -> str:
+    result = subprocess.run(
+        ["rabbitmqctl", *args, "--quiet", "--no-table-headers"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs the broker's own CLI")
+async def test_connections_and_consumers_are_named_for_the_dashboard(
+    settings: Settings, broker: Names
+) -> None:
+    async def handle(message: Incoming) -> Outcome:
+        return Outcome()
+
+    runner = Runner(settings, {Stage.LIFECYCLE: handle}, role="worker lifecycle")
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(stop))
+    try:
+        await asyncio.wait_for(runner.connected.wait(), 10)
+        expected = f"{socket.gethostname()} pid {os.getpid()}"
+        consumers = await asyncio.to_thread(
+            rabbitmqctl, "list_consumers", "queue_name", "consumer_tag"
+        )
+        ours = [line for line in consumers.splitlines() if broker.queue(Stage.LIFECYCLE) in line]
+        assert len(ours) == 1
+        assert f"voucher-bridge lifecycle {expected}" in ours[0]
+        connections = await asyncio.to_thread(rabbitmqctl, "list_connections", "client_properties")
+        assert f"voucher-bridge worker lifecycle {expected}" in connections
     finally:
         stop.set()
         await asyncio.wait_for(running, 10)
