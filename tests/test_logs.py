@@ -1,0 +1,54 @@
+"""The log writer batches a loop turn's lines into one write and loses none."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+from shared.logs import LoopBatchedWriter, redact_url
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_one_loop_turn_is_one_write() -> None:
+    stream = CountingStream()
+    writer = LoopBatchedWriter(stream)
+    for i in range(5):
+        writer.msg(f"line {i}")
+    assert stream.getvalue() == ""
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    assert stream.getvalue().splitlines() == [f"line {i}" for i in range(5)]
+
+
+def test_outside_a_loop_lines_are_written_at_once() -> None:
+    stream = CountingStream()
+    writer = LoopBatchedWriter(stream)
+    writer.info("now")
+    assert stream.getvalue() == "now\n"
+
+
+def test_pending_lines_are_written_on_flush() -> None:
+    stream = CountingStream()
+    writer = LoopBatchedWriter(stream)
+
+    async def log_then_stop() -> None:
+        writer.msg("last words")
+
+    asyncio.run(log_then_stop())
+    writer.flush()
+    assert stream.getvalue() == "last words\n"
+
+
+def test_redact_url_drops_query_and_credentials() -> None:
+    url = "https://user:pw@bucket.example:8443/v/1.pdf?X-Amz-Signature=s3cret&Expires=1"
+    assert redact_url(url) == "https://bucket.example:8443/v/1.pdf"
+    assert redact_url(None) is None
