@@ -6,11 +6,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import cache
 
 import orjson
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 from pydantic import ValidationError
 
 from ingress.openapi import openapi_document
@@ -130,6 +131,12 @@ def _unavailable(reason: str) -> ApiError:
     )
 
 
+@cache
+def _requests(outcome: str) -> Counter:
+    """The request counter of one outcome, resolved once (labels() takes a lock each call)."""
+    return metrics.INGRESS_REQUESTS.labels(outcome)
+
+
 def _content_type_ok(request: web.Request) -> bool:
     raw = request.headers.get("Content-Type")
     # Jackpot sends exactly this; only other spellings pay for a full parse.
@@ -184,7 +191,7 @@ async def receive_notification(request: web.Request) -> web.Response:
         raise
     finally:
         duration_s = time.perf_counter() - started
-        metrics.INGRESS_REQUESTS.labels(outcome).inc()
+        _requests(outcome).inc()
         metrics.INGRESS_SECONDS.observe(duration_s)
         log.info(
             "notification",

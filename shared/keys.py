@@ -26,6 +26,8 @@ _PREFIX = b"v1."
 MAC_CHARS = 22
 # Claims are three fields of at most 64 characters each (JSON-escaped); nothing longer is ours.
 MAX_KEY_CHARS = 2048
+# Enough for the vouchers in flight at once; past it the cache simply starts over.
+CLAIMS_CACHE_SIZE = 4096
 
 
 def _b64encode(data: bytes) -> str:
@@ -44,6 +46,9 @@ class KeyRing:
             raise ValueError("a key ring needs at least one secret")
         raw = [s.get_secret_value() if isinstance(s, SecretStr) else s for s in secrets]
         self._macs = [hmac.new(s.encode(), _PREFIX, hashlib.sha256) for s in raw]
+        # Decoded claims of keys whose MAC already verified: every voucher's RESERVED and READY
+        # carry the same key. The MAC is still checked on every call.
+        self._claims: dict[str, KeyClaims] = {}
 
     def _mac(self, index: int, claims_b64: bytes) -> str:
         mac = self._macs[index].copy()
@@ -78,7 +83,13 @@ class KeyRing:
             matched |= hmac.compare_digest(self._mac(index, claims_bytes).encode(), given_bytes)
         if not matched:
             raise InvalidKey("notificationKey is not signed by any of our secrets")
-        try:
-            return KeyClaims.model_validate_json(_b64decode(claims_b64))
-        except (ValidationError, binascii.Error, ValueError) as error:
-            raise InvalidKey("notificationKey carries no valid claims") from error
+        claims = self._claims.get(claims_b64)
+        if claims is None:
+            try:
+                claims = KeyClaims.model_validate_json(_b64decode(claims_b64))
+            except (ValidationError, binascii.Error, ValueError) as error:
+                raise InvalidKey("notificationKey carries no valid claims") from error
+            if len(self._claims) >= CLAIMS_CACHE_SIZE:
+                self._claims.clear()
+            self._claims[claims_b64] = claims
+        return claims

@@ -11,6 +11,8 @@ import asyncio
 import atexit
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,6 +26,26 @@ _LEVELS["error"] = logging.ERROR
 def _dumps(event: Any, **_: Any) -> str:
     # orjson: the per-notification log line is on the ingress's hot path.
     return orjson.dumps(event, default=repr).decode()
+
+
+class IsoTimestamp:
+    """Adds `timestamp` (ISO 8601, UTC, microseconds), formatting the date once per second.
+
+    structlog's TimeStamper formats a datetime on every event: about 5 us per line here.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
 
 
 class LoopBatchedWriter:
@@ -89,7 +111,7 @@ def configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            IsoTimestamp(),
             structlog.processors.format_exc_info,
             renderer,
         ],

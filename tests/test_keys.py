@@ -107,3 +107,12 @@ def test_signed_garbage_claims_are_refused() -> None:
 def test_missing_key_is_named() -> None:
     with pytest.raises(InvalidKey, match="missing"):
         KeyRing([SECRET]).verify(None)
+
+
+def test_a_remembered_key_still_needs_its_mac() -> None:
+    ring = KeyRing([SECRET])
+    key = ring.mint(KeyClaims(location_id="l", request_id="r", amount_cents=1))
+    assert ring.verify(key).request_id == "r"
+    version, payload, _ = key.split(".")
+    with pytest.raises(InvalidKey):
+        ring.verify(f"{version}.{payload}.{'A' * 22}")

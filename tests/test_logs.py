@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 
-from shared.logs import LoopBatchedWriter, redact_url
+from shared.logs import IsoTimestamp, LoopBatchedWriter, redact_url
 
 
 class CountingStream(io.StringIO):
@@ -52,3 +52,16 @@ def test_redact_url_drops_query_and_credentials() -> None:
     url = "https://user:pw@bucket.example:8443/v/1.pdf?X-Amz-Signature=s3cret&Expires=1"
     assert redact_url(url) == "https://bucket.example:8443/v/1.pdf"
     assert redact_url(None) is None
+
+
+def test_timestamps_are_iso_utc_and_move_with_the_clock() -> None:
+    from datetime import UTC, datetime
+
+    stamp = IsoTimestamp()
+    first = stamp(None, "info", {})["timestamp"]
+    second = stamp(None, "info", {})["timestamp"]
+    parsed = datetime.fromisoformat(first)
+    assert parsed.tzinfo == UTC
+    assert abs((datetime.now(UTC) - parsed).total_seconds()) < 5
+    assert first.endswith("Z")
+    assert second >= first
