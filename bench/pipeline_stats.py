@@ -9,31 +9,17 @@ import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from bench.procstat import ticks_to_us
+from bench.procstat import parse_cpu_ticks, ticks_to_us
 from sandbox.timestamps import parse_iso
 
 MS_PER_S = 1000.0
 US_PER_MS = 1000.0
 PERCENT = 100.0
 
-# 1-based field numbers in proc(5): utime and stime only. cutime and cstime are left out on
-# purpose: in /proc/PID/task/TID/stat they are the whole process's waited-for children.
-_UTIME_FIELD = 14
-_STIME_FIELD = 15
-# Fields after "(comm)" start at field 3 (state); comm may hold spaces and parentheses.
-_FIRST_FIELD_AFTER_COMM = 3
-
 
 def parse_own_cpu_ticks(stat_line: str) -> int:
     """utime + stime, in clock ticks, from a /proc/PID/stat or /proc/PID/task/TID/stat line."""
-    _, close, rest = stat_line.rpartition(")")
-    if not close:
-        raise ValueError(f"not a /proc stat line: {stat_line!r}")
-    fields = rest.split()
-    last = _STIME_FIELD - _FIRST_FIELD_AFTER_COMM
-    if len(fields) <= last:
-        raise ValueError(f"/proc stat line too short: {stat_line!r}")
-    return sum(int(fields[n - _FIRST_FIELD_AFTER_COMM]) for n in (_UTIME_FIELD, _STIME_FIELD))
+    return parse_cpu_ticks(stat_line, with_children=False)
 
 
 # /proc/stat's "cpu" line: user nice system idle iowait irq softirq steal ...; busy ones by index.

@@ -17,14 +17,17 @@ _LAST_CPU_FIELD = 17
 _FIRST_FIELD_AFTER_COMM = 3
 
 
-def parse_cpu_ticks(stat_line: str) -> int:
-    """utime + stime + cutime + cstime, in clock ticks, from one /proc/PID/stat line."""
+def parse_cpu_ticks(stat_line: str, *, with_children: bool = True) -> int:
+    """utime + stime (+ cutime + cstime), in clock ticks, from one /proc stat line.
+
+    Leave the children out for /proc/PID/task/TID/stat: there they are the whole process's.
+    """
     _, close, rest = stat_line.rpartition(")")
     if not close:
         raise ValueError(f"not a /proc/PID/stat line: {stat_line!r}")
     fields = rest.split()
     first = _FIRST_CPU_FIELD - _FIRST_FIELD_AFTER_COMM
-    last = _LAST_CPU_FIELD - _FIRST_FIELD_AFTER_COMM
+    last = (_LAST_CPU_FIELD if with_children else _FIRST_CPU_FIELD + 1) - _FIRST_FIELD_AFTER_COMM
     if len(fields) <= last:
         raise ValueError(f"/proc/PID/stat line too short: {stat_line!r}")
     return sum(int(field) for field in fields[first : last + 1])
