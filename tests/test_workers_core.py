@@ -143,3 +143,26 @@ def test_retry_after_http_date() -> None:
     seconds = retry_after_s(later.strftime("%a, %d %b %Y %H:%M:%S GMT"))
     assert seconds is not None
     assert 25 <= seconds <= 31
+
+
+def test_doshii_token_is_fresh_and_signed_for_this_client() -> None:
+    import time
+
+    import jwt
+
+    from shared.partners import Doshii
+
+    secret = "doshii-secret-0123456789abcdef-0123"
+    client = Doshii(None, "http://doshii.invalid", "app-1", secret)  # type: ignore[arg-type]
+    headers = client._headers("aH43yx2")
+    token = headers["authorization"].removeprefix("Bearer ")
+    claims = jwt.decode(token, secret, algorithms=["HS256"])
+    assert claims["clientId"] == "app-1"
+    assert abs(claims["timestamp"] - time.time()) <= 2
+    assert headers["doshii-location-id"] == "aH43yx2"
+    # A token from an earlier second is never reused.
+    client._token_second -= 5
+    client._token_value = "stale"
+    renewed = client._token()
+    assert renewed != "stale"
+    assert abs(jwt.decode(renewed, secret, algorithms=["HS256"])["timestamp"] - time.time()) <= 2
