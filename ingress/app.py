@@ -11,12 +11,12 @@ from functools import cache
 import orjson
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from ingress.openapi import openapi_document
 from ingress.spool import Spool, SpoolError
-from shared import envelope, metrics
+from shared import envelope, metrics, service
 from shared.broker import Outgoing, Publisher, connection_name, declare_topology, send
 from shared.errors import BrokerUnavailable, InvalidKey
 from shared.keys import KeyRing
@@ -213,10 +213,6 @@ def _too_large() -> ApiError:
     )
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
-
-
 async def readyz(request: web.Request) -> web.Response:
     ingress = request.app[INGRESS]
     if ingress.publisher.ready and ingress.declared.is_set():
@@ -229,12 +225,6 @@ async def readyz(request: web.Request) -> web.Response:
         )
     return web.json_response(
         {"status": "unavailable", "detail": "no broker connection"}, status=503
-    )
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 
@@ -328,8 +318,8 @@ def create_app(
     )
     app.cleanup_ctx.append(_broker_context)
     app.router.add_post(NOTIFICATION_PATH, receive_notification)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", service.healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/metrics", service.metrics)
     app.router.add_get("/openapi.json", openapi)
     return app

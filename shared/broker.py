@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Protocol
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection
 
 from shared import topology
 from shared.settings import Settings
@@ -72,9 +72,9 @@ def connection_name(role: str) -> str:
     return f"voucher-bridge {role} {socket.gethostname()} pid {os.getpid()}"
 
 
-async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
-    """A robust aio-pika connection named for its role."""
-    return await aio_pika.connect_robust(
+async def connect(settings: Settings, role: str) -> AbstractConnection:
+    """An aio-pika connection named for its role (callers own reconnecting, if they need it)."""
+    return await aio_pika.connect(
         settings.amqp_url.get_secret_value(),
         client_properties={"connection_name": connection_name(role)},
     )
@@ -82,10 +82,7 @@ async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
 
 async def declare_topology(settings: Settings) -> topology.Names:
     """Connect briefly and declare the namespace's exchanges and queues."""
-    connection = await aio_pika.connect(
-        settings.amqp_url.get_secret_value(),
-        client_properties={"connection_name": connection_name("topology")},
-    )
+    connection = await connect(settings, "topology")
     async with connection, connection.channel() as channel:
         return await topology.declare(
             channel,

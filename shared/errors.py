@@ -23,10 +23,6 @@ class PermanentError(BridgeError):
     """Retrying cannot help: dead-letter the message with this reason, never requeue."""
 
 
-class Rejected(BridgeError):
-    """A business refusal (amount mismatch, request not pending): handled, not dead-lettered."""
-
-
 class BrokerUnavailable(TransientError):
     """The broker did not take a message: not connected, nacked, unroutable or unconfirmed."""
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 try:
     import uvloop
@@ -41,3 +42,15 @@ async def start_site(
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     return runner, int(runner.addresses[0][1])
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the process is alive (readiness is each service's own /readyz)."""
+    return web.json_response({"status": "alive"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: this process's Prometheus metrics."""
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )

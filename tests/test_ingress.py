@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -342,16 +341,25 @@ async def test_one_log_line_per_notification_without_key_or_link(
     assert "X-Amz-Signature" not in captured
 
 
-async def test_topology_is_declared_by_the_ingress(
-    make_client: MakeClient, channel: AbstractChannel, settings: Settings
+async def test_the_ingress_declares_the_topology_itself(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    make_settings: Callable[..., Settings],
+    channel: AbstractChannel,
 ) -> None:
-    # The broker fixture declared it already; declaring again from the ingress is harmless.
-    client = await make_client(spool_max_bytes=0)
-    await _wait_ready(client)
-    await topology.declare(
-        channel,
-        settings.namespace,
-        tiers_s=settings.retry_tiers_s,
-        delivery_limit=settings.delivery_limit,
-    )
-    assert (await post(client, encode(voucher(id=str(uuid.uuid4()))), key())).status == 200
+    # No broker fixture here: nothing is declared until the ingress does it, so an
+    # unroutable publish (503) would show that it did not.
+    settings = make_settings(spool_max_bytes=0)
+    try:
+        client = await aiohttp_client(create_app(settings))
+        await _wait_ready(client)
+        assert (await post(client, encode(voucher()), key())).status == 200
+        # Declaring again over what the ingress declared is harmless.
+        names = await topology.declare(
+            channel,
+            settings.namespace,
+            tiers_s=settings.retry_tiers_s,
+            delivery_limit=settings.delivery_limit,
+        )
+        assert await depth(channel, names.queue(Stage.RESERVATIONS)) == 1
+    finally:
+        await topology.delete(channel, settings.namespace, tiers_s=settings.retry_tiers_s)

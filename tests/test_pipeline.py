@@ -15,7 +15,13 @@ from aio_pika.abc import AbstractChannel
 from sandbox.faults import Fault
 from shared.settings import Settings
 from shared.topology import Names
-from tests.support.pipeline import Pipeline, Voucher, counting_server, running_pipeline
+from tests.support.pipeline import (
+    Pipeline,
+    Voucher,
+    counting_server,
+    running_pipeline,
+    settings_env,
+)
 from workers import dlq
 
 
@@ -241,26 +247,6 @@ async def start_worker(env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "shared.cli", "worker", "all", env=env
     )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The BRIDGE_* variables that reproduce `settings` in a child process."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if name in ("key_secrets",):
-            text = ",".join(s.get_secret_value() for s in value)
-        elif name == "pdf_hosts":
-            text = ",".join(f"{o[0]}://{o[1]}:{o[2]}" for o in value)
-        elif name == "retry_tiers_s":
-            text = ",".join(map(str, value))
-        elif hasattr(value, "get_secret_value"):
-            text = value.get_secret_value()
-        else:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-        env[f"BRIDGE_{name.upper()}"] = text
-    return env
 
 
 async def test_confirm_mode_notification_never_calls_confirm(

@@ -23,9 +23,9 @@ from shared.models import KeyClaims
 from shared.settings import Settings
 from shared.topology import Names, Stage
 from tests.conftest import AMQP_URL, TEST_SECRETS
+from tests.support.pipeline import settings_env
 from tests.support.tcpproxy import TcpProxy
 from tests.support.vouchers import encode, key, voucher
-from tests.test_pipeline import settings_env
 from workers.main import status_app
 from workers.runner import Incoming, Outcome, Runner
 

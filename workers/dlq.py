@@ -13,7 +13,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from shared import envelope
-from shared.broker import connection_name
+from shared.broker import connect
 from shared.settings import Settings
 from shared.topology import Names
 
@@ -91,10 +91,7 @@ async def _take_all(channel: AbstractChannel, names: Names) -> list[AbstractInco
 
 
 async def list_dead(settings: Settings) -> list[DeadLetter]:
-    connection = await aio_pika.connect(
-        settings.amqp_url.get_secret_value(),
-        client_properties={"connection_name": connection_name("dlq")},
-    )
+    connection = await connect(settings, "dlq")
     async with connection:
         channel = await connection.channel()
         letters = [describe(m) for m in await _take_all(channel, Names(settings.namespace))]
@@ -105,10 +102,7 @@ async def list_dead(settings: Settings) -> list[DeadLetter]:
 async def replay(settings: Settings, message_id: str | None) -> int:
     """Send dead letters (all, or those with this id) back to their queue, attempts reset."""
     names = Names(settings.namespace)
-    connection = await aio_pika.connect(
-        settings.amqp_url.get_secret_value(),
-        client_properties={"connection_name": connection_name("dlq")},
-    )
+    connection = await connect(settings, "dlq")
     replayed = 0
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -139,7 +133,7 @@ async def replay(settings: Settings, message_id: str | None) -> int:
 
 
 async def purge(settings: Settings) -> int:
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    connection = await connect(settings, "dlq")
     async with connection:
         channel = await connection.channel()
         queue = await channel.get_queue(Names(settings.namespace).dead, ensure=False)

@@ -6,8 +6,8 @@ import asyncio
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from shared import service
 from shared.errors import SettingsError
 from shared.service import start_site
 from shared.settings import Settings
@@ -45,10 +45,6 @@ def handlers(deps: Deps, stages: list[Stage]) -> dict[Stage, Handler]:
     return {stage: HANDLER_FACTORIES[stage](deps) for stage in stages}
 
 
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
-
-
 async def _readyz(request: web.Request) -> web.Response:
     runner = request.app[RUNNER]
     if runner.ready:
@@ -58,19 +54,13 @@ async def _readyz(request: web.Request) -> web.Response:
     )
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
-
-
 def status_app(runner: Runner) -> web.Application:
     """/healthz, /readyz and /metrics of a worker process."""
     app = web.Application()
     app[RUNNER] = runner
-    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/healthz", service.healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics", service.metrics)
     return app
 
 

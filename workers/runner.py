@@ -35,7 +35,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from shared import envelope, metrics, topology
-from shared.broker import Outgoing, connection_name
+from shared.broker import Outgoing, connect, connection_name
 from shared.errors import PermanentError, TransientError
 from shared.settings import Settings
 from shared.topology import Names, Stage
@@ -348,6 +348,24 @@ class StageRunner:
         )
 
 
+async def until_quiet(
+    channel: AbstractChannel, queues: Sequence[str], busy: Callable[[], bool]
+) -> None:
+    """Return once `queues` hold no ready message and nothing is `busy`, several looks running.
+
+    A message between two queues (leaving a delay tier, say) is in neither for a moment; the
+    repeated looks keep that moment from passing for empty.
+    """
+    quiet_looks = 0
+    while quiet_looks < DRAIN_CHECKS:
+        await asyncio.sleep(DRAIN_CHECK_INTERVAL_S)
+        counts = [
+            (await channel.declare_queue(q, passive=True)).declaration_result.message_count
+            for q in queues
+        ]
+        quiet_looks = 0 if any(counts) or busy() else quiet_looks + 1
+
+
 class Runner:
     """Runs stage runners on one connection, reconnecting with consumers back after a loss."""
 
@@ -370,10 +388,7 @@ class Runner:
         return sum(len(s.in_flight) for s in self.stages)
 
     async def _connect(self) -> AbstractConnection:
-        connection = await aio_pika.connect(
-            self.settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": connection_name(self.role)},
-        )
+        connection = await connect(self.settings, self.role)
         async with connection.channel() as channel:
             await topology.declare(
                 channel,
@@ -442,16 +457,8 @@ class Runner:
     async def _until_drained(self, connection: AbstractConnection) -> None:
         queues = [self.names.queue(s.stage) for s in self.stages]
         queues += [self.names.tier_queue(t) for t in self.settings.retry_tiers_s]
-        empty_looks = 0
         async with connection.channel() as channel:
-            while empty_looks < DRAIN_CHECKS:
-                await asyncio.sleep(DRAIN_CHECK_INTERVAL_S)
-                counts = [
-                    (await channel.declare_queue(q, passive=True)).declaration_result.message_count
-                    for q in queues
-                ]
-                empty = not any(counts) and self.in_flight == 0
-                empty_looks = empty_looks + 1 if empty else 0
+            await until_quiet(channel, queues, lambda: self.in_flight > 0)
 
     async def _abandon_in_flight(self) -> None:
         # Their acks cannot reach the broker any more; the broker redelivers them.

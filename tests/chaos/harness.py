@@ -26,8 +26,7 @@ from ingress.spool import SUFFIX
 from sandbox.server import Sandboxes
 from shared.settings import Settings
 from shared.topology import Names, Stage
-from tests.support.pipeline import Pipeline, Voucher
-from tests.test_pipeline import settings_env
+from tests.support.pipeline import Pipeline, Voucher, settings_env
 from workers import dlq
 
 REPO = Path(__file__).resolve().parents[2]

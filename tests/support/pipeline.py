@@ -20,11 +20,7 @@ from shared.settings import Settings
 from shared.topology import Names, Stage
 from workers.deps import open_deps
 from workers.main import handlers
-from workers.runner import Runner
-
-# The pipeline counts as settled after this many consecutive quiet looks, this far apart.
-QUIET_LOOKS = 3
-LOOK_INTERVAL_S = 0.1
+from workers.runner import Runner, until_quiet
 
 
 @dataclass
@@ -72,18 +68,9 @@ class Pipeline:
         queues = [names.queue(s) for s in Stage]
         queues += [names.tier_queue(t) for t in self.settings.retry_tiers_s]
 
-        async def quiet() -> None:
-            looks = 0
-            while looks < QUIET_LOOKS:
-                await asyncio.sleep(LOOK_INTERVAL_S)
-                counts = [
-                    (await channel.declare_queue(q, passive=True)).declaration_result.message_count
-                    for q in queues
-                ]
-                busy = any(counts) or (self.runner is not None and self.runner.in_flight)
-                looks = 0 if busy else looks + 1
-
-        await asyncio.wait_for(quiet(), timeout_s)
+        runner = self.runner
+        busy = (lambda: runner.in_flight > 0) if runner is not None else (lambda: False)
+        await asyncio.wait_for(until_quiet(channel, queues, busy), timeout_s)
 
 
 @asynccontextmanager
@@ -135,3 +122,23 @@ async def counting_server(
     app.router.add_route("*", "/{tail:.*}", any_path)
     runner, port = await start_site(app, "127.0.0.1", 0, shutdown_timeout_s=1)
     return runner, f"http://127.0.0.1:{port}", hits
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The BRIDGE_* variables that reproduce `settings` in a child process."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if name in ("key_secrets",):
+            text = ",".join(s.get_secret_value() for s in value)
+        elif name == "pdf_hosts":
+            text = ",".join(f"{o[0]}://{o[1]}:{o[2]}" for o in value)
+        elif name == "retry_tiers_s":
+            text = ",".join(map(str, value))
+        elif hasattr(value, "get_secret_value"):
+            text = value.get_secret_value()
+        else:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"BRIDGE_{name.upper()}"] = text
+    return env
