@@ -27,7 +27,7 @@ MAC_CHARS = 22
 # Claims are three fields of at most 64 characters each (JSON-escaped); nothing longer is ours.
 MAX_KEY_CHARS = 2048
 # Enough for the vouchers in flight at once; past it the cache simply starts over.
-CLAIMS_CACHE_SIZE = 4096
+VERIFIED_CACHE_SIZE = 4096
 
 
 def _b64encode(data: bytes) -> str:
@@ -46,9 +46,10 @@ class KeyRing:
             raise ValueError("a key ring needs at least one secret")
         raw = [s.get_secret_value() if isinstance(s, SecretStr) else s for s in secrets]
         self._macs = [hmac.new(s.encode(), _PREFIX, hashlib.sha256) for s in raw]
-        # Decoded claims of keys whose MAC already verified: every voucher's RESERVED and READY
-        # carry the same key. The MAC is still checked on every call.
-        self._claims: dict[str, KeyClaims] = {}
+        # Keys that already verified, exactly as given: every voucher's RESERVED and READY (and
+        # Jackpot's retries) carry the same key, and the secrets of a ring never change. Only a
+        # byte-identical key hits, so a tampered one is always checked in full.
+        self._verified: dict[str, KeyClaims] = {}
 
     def _mac(self, index: int, claims_b64: bytes) -> str:
         mac = self._macs[index].copy()
@@ -66,6 +67,9 @@ class KeyRing:
         """Return the claims of a key signed by any of our secrets, or raise InvalidKey."""
         if not key:
             raise InvalidKey("notificationKey is missing")
+        claims = self._verified.get(key)
+        if claims is not None:
+            return claims
         if len(key) > MAX_KEY_CHARS:
             raise InvalidKey("notificationKey is too long")
         parts = key.split(".")
@@ -83,13 +87,11 @@ class KeyRing:
             matched |= hmac.compare_digest(self._mac(index, claims_bytes).encode(), given_bytes)
         if not matched:
             raise InvalidKey("notificationKey is not signed by any of our secrets")
-        claims = self._claims.get(claims_b64)
-        if claims is None:
-            try:
-                claims = KeyClaims.model_validate_json(_b64decode(claims_b64))
-            except (ValidationError, binascii.Error, ValueError) as error:
-                raise InvalidKey("notificationKey carries no valid claims") from error
-            if len(self._claims) >= CLAIMS_CACHE_SIZE:
-                self._claims.clear()
-            self._claims[claims_b64] = claims
+        try:
+            claims = KeyClaims.model_validate_json(_b64decode(claims_b64))
+        except (ValidationError, binascii.Error, ValueError) as error:
+            raise InvalidKey("notificationKey carries no valid claims") from error
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[key] = claims
         return claims

@@ -64,6 +64,9 @@ class VoucherState(StrEnum):
     REFUND_REJECTED = "REFUND_REJECTED"
 
 
+_STATES: dict[str, VoucherState] = {state.value: state for state in VoucherState}
+
+
 class Route(StrEnum):
     """Routing keys on `<ns>.events`."""
 
@@ -95,9 +98,8 @@ class Voucher(BaseModel):
     @field_validator("state", mode="before")
     @classmethod
     def _known_state(cls, value: object) -> object:
-        if isinstance(value, str) and value in VoucherState.__members__:
-            return VoucherState(value)
-        return value
+        # A dict lookup: VoucherState(value) costs a few microseconds on the ingress's hot path.
+        return _STATES.get(value, value) if isinstance(value, str) else value
 
     @property
     def route(self) -> Route:

@@ -93,8 +93,22 @@ _WRITE_HIGH_WATER: Final = 4 * 1024 * 1024
 def _shortstr(value: str, what: str) -> bytes:
     raw = value.encode()
     if len(raw) > 255:
-        raise ValueError(f"{what} is longer than 255 bytes")
+        raise ValueError(f"{what} {value[:40]!r}... is longer than 255 bytes")
     return _U8.pack(len(raw)) + raw
+
+
+# Header names are a small fixed set (envelope.py); their encoding is looked up, not rebuilt.
+_HEADER_NAMES: dict[str, bytes] = {}
+_HEADER_NAMES_MAX: Final = 256
+
+
+def _header_name(key: str) -> bytes:
+    name = _HEADER_NAMES.get(key)
+    if name is None:
+        name = _shortstr(key, "header name")
+        if len(_HEADER_NAMES) < _HEADER_NAMES_MAX:
+            _HEADER_NAMES[key] = name
+    return name
 
 
 def _encode_headers(headers: Mapping[str, HeaderValue]) -> bytes:
@@ -104,7 +118,7 @@ def _encode_headers(headers: Mapping[str, HeaderValue]) -> bytes:
     """
     parts: list[bytes] = []
     for key, value in headers.items():
-        parts.append(_shortstr(key, f"header name {key!r}"))
+        parts.append(_header_name(key))
         # bool before int: bool is an int subclass.
         if value is True:
             parts.append(b"t\x01")

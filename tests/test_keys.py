@@ -116,3 +116,24 @@ def test_a_remembered_key_still_needs_its_mac() -> None:
     version, payload, _ = key.split(".")
     with pytest.raises(InvalidKey):
         ring.verify(f"{version}.{payload}.{'A' * 22}")
+
+
+@given(claims_strategy, st.integers(min_value=0, max_value=21))
+def test_a_verified_key_does_not_let_its_tampered_twins_through(
+    claims: KeyClaims, position: int
+) -> None:
+    ring = KeyRing([SECRET])
+    key = ring.mint(claims)
+    assert ring.verify(key) == claims
+    assert ring.verify(key) == claims  # the second time from the ring's memory of verified keys
+    version, payload, mac = key.split(".")
+    char = "A" if mac[position] != "A" else "B"
+    for forged in (
+        f"{version}.{payload}.{mac[:position]}{char}{mac[position + 1 :]}",
+        f"{version}.{payload}x.{mac}",
+        f"{key}.",
+    ):
+        with pytest.raises(InvalidKey):
+            ring.verify(forged)
+    with pytest.raises(InvalidKey):
+        KeyRing([OTHER]).verify(key)
