@@ -129,7 +129,7 @@ def _unavailable(reason: str) -> ApiError:
     )
 
 
-def _content_type_ok(request: web.Request) -> bool:
+def _content_type_ok(request: web.BaseRequest) -> bool:
     raw = request.headers.get("Content-Type")
     # Jackpot sends exactly this; only other spellings pay for a full parse.
     return raw == "application/json" or request.content_type == "application/json"
@@ -142,8 +142,11 @@ def _accepted(status: str, message_id: str) -> web.Response:
 
 async def receive_notification(request: web.Request) -> web.Response:
     """POST /notifications/jackpot/reserve?notificationKey=K with the voucher JSON."""
+    return await _notification(request.app[INGRESS], request)
+
+
+async def _notification(ingress: Ingress, request: web.BaseRequest) -> web.Response:
     started = time.perf_counter()
-    ingress = request.app[INGRESS]
     outcome = "error"
     voucher_id = coupon_id = state = request_id = None
     try:
@@ -227,11 +230,12 @@ async def openapi(request: web.Request) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error answer is JSON: {"error": "...", "detail": ...}."""
+async def _as_json(
+    request: web.BaseRequest, answer: Awaitable[web.StreamResponse]
+) -> web.StreamResponse:
+    """Await a handler's answer; every error becomes JSON: {"error": "...", "detail": ...}."""
     try:
-        return await handler(request)
+        return await answer
     except ApiError as error:
         return error.response()
     except web.HTTPException as error:
@@ -251,6 +255,35 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             {"error": "internal_error", "detail": "the notification was not stored; retry later"},
             status=500,
         )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answer of the application is JSON."""
+    return await _as_json(request, handler(request))
+
+
+class IngressRunner(web.AppRunner):
+    """Serves the ingress application, handing the notification POST straight to its handler.
+
+    On every request aiohttp's Application resolves the route, freezes the match and runs the
+    middleware chain: in-process that was about 12 us of a notification's 44 us. The one hot
+    route skips it with the same answers (errors rendered by the same code as the middleware);
+    every other request, and any other method on that path, goes through the application.
+    """
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        ingress = self.app[INGRESS]
+        through_app = server.request_handler
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            if request.method == "POST" and request.path == NOTIFICATION_PATH:
+                return await _as_json(request, _notification(ingress, request))
+            return await through_app(request)
+
+        server.request_handler = handle
+        return server
 
 
 async def _declare_until_done(ingress: Ingress) -> None:
@@ -308,6 +341,8 @@ def create_app(
         ),
         declared=asyncio.Event(),
     )
+    runner: type[web.AppRunner] = IngressRunner
+    app[service.RUNNER] = runner
     app.cleanup_ctx.append(_broker_context)
     app.router.add_post(NOTIFICATION_PATH, receive_notification)
     app.router.add_get("/healthz", service.healthz)

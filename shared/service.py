@@ -31,11 +31,15 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int
         return runner.run(wrapper()) or 0
 
 
+# The AppRunner class an application wants to be served by (the ingress has its own).
+RUNNER: web.AppKey[type[web.AppRunner]] = web.AppKey("runner")
+
+
 async def start_site(
     app: web.Application, host: str, port: int, *, shutdown_timeout_s: float
 ) -> tuple[web.AppRunner, int]:
     """Serve `app`; returns its runner (cleanup() stops accepting, drains, closes) and its port."""
-    runner = web.AppRunner(
+    runner = app.get(RUNNER, web.AppRunner)(
         app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout_s
     )
     await runner.setup()

@@ -18,6 +18,7 @@ from shared.settings import Settings
 from shared.topology import Names, Stage
 from tests.support.pipeline import counting_server, running_pipeline
 from tests.support.report import add_row
+from tests.support.served import RunnerTestServer
 from tests.support.vouchers import encode, key, voucher
 from workers import dlq
 
@@ -65,11 +66,11 @@ BODIES: dict[str, list[bytes]] = {
 
 @pytest.fixture
 async def client(
-    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    aiohttp_client: Callable[[RunnerTestServer], Awaitable[Client]],
     make_settings: Callable[..., Settings],
     broker: Names,
 ) -> Client:
-    return await aiohttp_client(create_app(make_settings(spool_max_bytes=0)))
+    return await aiohttp_client(RunnerTestServer(create_app(make_settings(spool_max_bytes=0))))
 
 
 @pytest.mark.parametrize("input_class", list(BODIES))

@@ -14,10 +14,11 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from ingress.app import MAX_BODY_BYTES, NOTIFICATION_PATH, create_app
+from ingress.app import MAX_BODY_BYTES, NOTIFICATION_PATH, Handler, create_app
 from shared import envelope, logs, topology
 from shared.settings import Settings
 from shared.topology import Names, Stage
+from tests.support.served import RunnerTestServer
 from tests.support.tcpproxy import TcpProxy
 from tests.support.vouchers import encode, key, voucher
 
@@ -28,13 +29,13 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture
 async def make_client(
-    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    aiohttp_client: Callable[[RunnerTestServer], Awaitable[Client]],
     make_settings: Callable[..., Settings],
     broker: Names,
 ) -> MakeClient:
     async def make(**overrides: Any) -> Client:
         settings = make_settings(**overrides)
-        return await aiohttp_client(create_app(settings))
+        return await aiohttp_client(RunnerTestServer(create_app(settings)))
 
     return make
 
@@ -247,7 +248,7 @@ async def test_nacked_publish_is_503(
 
 
 async def test_lost_broker_gives_503_never_200_and_recovers(
-    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    aiohttp_client: Callable[[RunnerTestServer], Awaitable[Client]],
     make_settings: Callable[..., Settings],
     channel: AbstractChannel,
     broker: Names,
@@ -259,7 +260,7 @@ async def test_lost_broker_gives_503_never_200_and_recovers(
     target = urlsplit(AMQP_URL)
     async with TcpProxy(target.hostname or "127.0.0.1", target.port or 5672) as proxy:
         settings = make_settings(amqp_url=proxy.amqp_url(), spool_max_bytes=0)
-        client = await aiohttp_client(create_app(settings))
+        client = await aiohttp_client(RunnerTestServer(create_app(settings)))
         await _wait_ready(client)
         assert (await post(client, encode(voucher()), key())).status == 200
 
@@ -275,7 +276,7 @@ async def test_lost_broker_gives_503_never_200_and_recovers(
 
 
 async def test_no_confirm_in_time_is_503(
-    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    aiohttp_client: Callable[[RunnerTestServer], Awaitable[Client]],
     make_settings: Callable[..., Settings],
     broker: Names,
 ) -> None:
@@ -288,7 +289,7 @@ async def test_no_confirm_in_time_is_503(
         settings = make_settings(
             amqp_url=proxy.amqp_url(), spool_max_bytes=0, publish_timeout_s=0.5
         )
-        client = await aiohttp_client(create_app(settings))
+        client = await aiohttp_client(RunnerTestServer(create_app(settings)))
         await _wait_ready(client)
         proxy.pause()
         response = await post(client, encode(voucher()), key())
@@ -342,7 +343,7 @@ async def test_one_log_line_per_notification_without_key_or_link(
 
 
 async def test_the_ingress_declares_the_topology_itself(
-    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+    aiohttp_client: Callable[[RunnerTestServer], Awaitable[Client]],
     make_settings: Callable[..., Settings],
     channel: AbstractChannel,
 ) -> None:
@@ -350,7 +351,7 @@ async def test_the_ingress_declares_the_topology_itself(
     # unroutable publish (503) would show that it did not.
     settings = make_settings(spool_max_bytes=0)
     try:
-        client = await aiohttp_client(create_app(settings))
+        client = await aiohttp_client(RunnerTestServer(create_app(settings)))
         await _wait_ready(client)
         assert (await post(client, encode(voucher()), key())).status == 200
         # Declaring again over what the ingress declared is harmless.
@@ -363,3 +364,51 @@ async def test_the_ingress_declares_the_topology_itself(
         assert await depth(channel, names.queue(Stage.RESERVATIONS)) == 1
     finally:
         await topology.delete(channel, settings.namespace, tiers_s=settings.retry_tiers_s)
+
+
+async def test_the_notification_post_skips_the_router_and_both_paths_answer_alike(
+    aiohttp_client: Callable[[web.Application | RunnerTestServer], Awaitable[Client]],
+    make_settings: Callable[..., Settings],
+    broker: Names,
+) -> None:
+    routed: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        routed.append(f"{request.method} {request.path}")
+        return await handler(request)
+
+    def app() -> web.Application:
+        application = create_app(make_settings(spool_max_bytes=0))
+        application.middlewares.append(record)
+        return application
+
+    fast = await aiohttp_client(RunnerTestServer(app()))
+    plain = await aiohttp_client(app())  # aiohttp's own runner: everything is routed
+    for client in (fast, plain):
+        await _wait_ready(client)
+    answers = []
+    for client in (fast, plain):
+        accepted = await post(client, encode(voucher()), key())
+        forbidden = await post(client, encode(voucher()), "forged-key")
+        wrong_method = await client.get(NOTIFICATION_PATH)
+        answers.append(
+            [
+                (accepted.status, (await accepted.json())["status"]),
+                (forbidden.status, (await forbidden.json())["error"]),
+                (wrong_method.status, (await wrong_method.json())["error"]),
+            ]
+        )
+    assert (
+        answers[0]
+        == answers[1]
+        == [
+            (200, "accepted"),
+            (403, "forbidden"),
+            (405, "method_not_allowed"),
+        ]
+    )
+    # Through the ingress's runner only the GET went through the application; the plain
+    # runner routed all three.
+    assert routed.count(f"POST {NOTIFICATION_PATH}") == 2
+    assert routed.count(f"GET {NOTIFICATION_PATH}") == 2
