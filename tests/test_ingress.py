@@ -236,15 +236,18 @@ async def test_nacked_publish_is_503(
     client: Client, channel: AbstractChannel, broker: Names
 ) -> None:
     # A second queue on the same route that refuses everything makes the broker nack the publish.
+    # (It never gets a consumer, so auto-delete would never remove it: the test deletes it.)
     refusing = await channel.declare_queue(
         f"{broker.namespace}.refusing",
         arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-        auto_delete=True,
     )
-    await refusing.bind(broker.events, routing_key="voucher.reserved")
-    response = await post(client, encode(voucher()), key())
-    assert response.status == 503
-    assert response.headers["Retry-After"]
+    try:
+        await refusing.bind(broker.events, routing_key="voucher.reserved")
+        response = await post(client, encode(voucher()), key())
+        assert response.status == 503
+        assert response.headers["Retry-After"]
+    finally:
+        await refusing.delete(if_unused=False, if_empty=False)
 
 
 async def test_lost_broker_gives_503_never_200_and_recovers(
