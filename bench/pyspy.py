@@ -12,7 +12,6 @@ uvloop's C loop (epoll, socket reads and writes, callback dispatch): it is named
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
 import signal
@@ -21,6 +20,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.servers import end_process
 
 SAMPLE_RATE_HZ = 200
 # py-spy writes its file when interrupted; a big profile takes a moment to symbolize.
@@ -216,16 +217,7 @@ class Recorder:
         process = self._process
         if process is None:
             return []
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGINT)
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT_S):
-                    await process.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+        await end_process(process, signal.SIGINT, STOP_TIMEOUT_S)
         try:
             return parse_folded(self.output.read_text())
         except (OSError, ValueError):

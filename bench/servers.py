@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -113,20 +114,26 @@ async def wait_ready(server: Server, timeout_s: float = READY_TIMEOUT_S) -> None
             await asyncio.sleep(READY_POLL_S)
 
 
+async def end_process(process: asyncio.subprocess.Process, signum: int, timeout_s: float) -> None:
+    """Send `signum`, wait up to `timeout_s` for the exit, then SIGKILL; nothing if it is gone."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signum)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await process.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
 async def stop(server: Server) -> None:
     """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT_S; close its log."""
-    process = server.process
     try:
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT_S):
-                    await process.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+        if server.process is not None:
+            await end_process(server.process, signal.SIGTERM, STOP_TIMEOUT_S)
     finally:
         if server.log_file is not None:
             server.log_file.close()

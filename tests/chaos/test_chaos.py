@@ -10,9 +10,10 @@ the end of the run and written to var/chaos-latest.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +25,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from sandbox.faults import Fault
-from sandbox.jackpot import DeliverOutcome
+from sandbox.jackpot import DeliverOutcome, JackpotSandbox
 from sandbox.server import Sandboxes, start_sandboxes
 from shared.settings import Settings
 from shared.topology import Names
@@ -64,6 +65,18 @@ HANG_WINDOW_S = 10.0
 RSS_GROWTH_MAX_MB = 100.0
 # How long Jackpot waits for the bridge to confirm before sending READY: past any outage here.
 CONFIRM_WAIT_S = 150.0
+
+
+def deliveries(
+    jackpot: JackpotSandbox, vouchers: Sequence[Voucher]
+) -> list[Callable[[], Coroutine[Any, Any, DeliverOutcome]]]:
+    """Jackpot delivering each voucher (RESERVED, then READY), each started when called."""
+    return [
+        functools.partial(jackpot.deliver, v.voucher_id, confirm_timeout_s=CONFIRM_WAIT_S)
+        for v in vouchers
+    ]
+
+
 # Bounds on a scenario's phases.
 SEND_TIMEOUT_S = 200.0
 SETTLE_TIMEOUT_S = 90.0
@@ -179,10 +192,7 @@ async def test_broker_cut_for_30_s_under_load(kit: Kit, sandboxes: Sandboxes) ->
         faults.set("doshii.put", Fault(delay_s=1.0, times=-1))
         for v in burst:
             senders.start(jackpot.deliver(v.voucher_id, confirm_timeout_s=CONFIRM_WAIT_S))
-        starts = [
-            lambda v=v: jackpot.deliver(v.voucher_id, confirm_timeout_s=CONFIRM_WAIT_S)
-            for v in steady
-        ]
+        starts = deliveries(jackpot, steady)
         # ~34 s of steady load: it runs through the whole cut and past it.
         load = asyncio.create_task(senders.paced(starts, every_s=0.7))
         try:
@@ -288,10 +298,7 @@ async def test_ingress_sigkilled_while_spooling(kit: Kit, sandboxes: Sandboxes) 
         )
         vouchers = [bridge.pipeline.new_voucher() for _ in range(40)]
         senders = Senders()
-        starts = [
-            lambda v=v: jackpot.deliver(v.voucher_id, confirm_timeout_s=CONFIRM_WAIT_S)
-            for v in vouchers
-        ]
+        starts = deliveries(jackpot, vouchers)
         load = asyncio.create_task(senders.paced(starts, every_s=0.1))
         try:
             await wait_until(
@@ -423,10 +430,7 @@ async def test_doshii_hanging_longer_than_the_partner_timeout(
         faults.set("doshii.put", Fault(delay_s=HANG_S, times=-1))
         vouchers = [bridge.pipeline.new_voucher() for _ in range(50)]
         senders = Senders()
-        starts = [
-            lambda v=v: jackpot.deliver(v.voucher_id, confirm_timeout_s=CONFIRM_WAIT_S)
-            for v in vouchers
-        ]
+        starts = deliveries(jackpot, vouchers)
         load = asyncio.create_task(senders.paced(starts, every_s=0.05))
         rss: dict[str, float] = {"before": rss_before}
         try:
