@@ -23,7 +23,7 @@ class LoopCounter(Collector):
     """A counter by one label, updated from one event-loop thread only: plain ints, no lock.
 
     prometheus_client's metrics take a lock on every update; on the ingress's hot path its
-    counter and two histograms cost about 3 us per notification, these about 0.4 us. The
+    counter and two histograms cost about 3 us per notification, these about 0.6 us. The
     exposition is still prometheus_client's (the scrape runs on the same loop).
     """
 
@@ -43,9 +43,6 @@ class LoopCounter(Collector):
 
     def inc(self, label_value: str) -> None:
         self._values[label_value] = self._values.get(label_value, 0) + 1
-
-    def value(self, label_value: str) -> int:
-        return self._values.get(label_value, 0)
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
