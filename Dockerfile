@@ -7,12 +7,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Only what `pip install .` needs: the metadata, the readme it names, and the four packages.
+# Only what `pip install .` needs: the metadata, the readme it names, and the five packages.
 COPY pyproject.toml README.md ./
 COPY ingress/ ingress/
 COPY workers/ workers/
 COPY shared/ shared/
 COPY sandbox/ sandbox/
+COPY bridge/ bridge/
 RUN pip install . && bridge --help >/dev/null
 
 FROM python:3.11-slim

@@ -154,7 +154,7 @@ def _ingress_argv() -> list[str]:
     bridge = Path(sys.executable).parent / "bridge"
     if bridge.is_file():
         return [str(bridge), "ingress"]
-    return [sys.executable, "-m", "shared.cli", "ingress"]
+    return [sys.executable, "-m", "bridge", "ingress"]
 
 
 class IngressBench:

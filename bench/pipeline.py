@@ -332,11 +332,11 @@ async def open_loop(driver: Driver, count: int, rate_per_s: int) -> float:
 
 
 def bridge_argv(*args: str) -> list[str]:
-    """The `bridge` command of this venv (or `python -m shared.cli`) with `args`."""
+    """The `bridge` command of this venv (or `python -m bridge`) with `args`."""
     bridge = Path(sys.executable).parent / "bridge"
     if bridge.is_file():
         return [str(bridge), *args]
-    return [sys.executable, "-m", "shared.cli", *args]
+    return [sys.executable, "-m", "bridge", *args]
 
 
 def bridge_values(

@@ -216,7 +216,7 @@ async def start_bridge(plan: Plan, values: Mapping[str, str]) -> Bridge:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "shared.cli",
+            "bridge",
             "run",
             env=env,
             cwd=REPO_ROOT,
@@ -382,7 +382,7 @@ async def print_where_to_look(plan: Plan, settings: Settings, keep: bool) -> Non
     say(f"  bridge log (JSON):  {shown(plan.log_path)}")
     say(f"  PDFs:               {shown(plan.pdf_dir)}/")
     say(
-        f"  dead letters:       (set -a; . {shown(plan.env_path)}; {python} -m shared.cli "
+        f"  dead letters:       (set -a; . {shown(plan.env_path)}; {python} -m bridge "
         f"dlq list)  ({namespace_up})"
     )
 

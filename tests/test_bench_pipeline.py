@@ -49,15 +49,15 @@ intr 12345 0 0
 """
 
 FOLDED = """\
-<module> (shared/cli.py:180);run (asyncio/runners.py:118);_write (shared/logs.py:22) 30
-<module> (shared/cli.py:180);run (asyncio/runners.py:118);handle (workers/pdfs.py:150);\
+<module> (bridge/cli.py:180);run (asyncio/runners.py:118);_write (shared/logs.py:22) 30
+<module> (bridge/cli.py:180);run (asyncio/runners.py:118);handle (workers/pdfs.py:150);\
 store (workers/pdfs.py:104) 50
-<module> (shared/cli.py:180);run (asyncio/runners.py:118);_run_once (uvloop/__init__.py:3) 20
+<module> (bridge/cli.py:180);run (asyncio/runners.py:118);_run_once (uvloop/__init__.py:3) 20
 """
 # What uvloop's C loop looks like: the Python frame that called into it is the leaf.
-LOOP_FOLDED = """main (shared/cli.py:9);Runner.run (asyncio/runners.py:118) 6
-main (shared/cli.py:9);handle (workers/doshii.py:40);put (shared/partners.py:150) 3
-main (shared/cli.py:9);handle (workers/doshii.py:40);dumps (json/__init__.py:231) 1
+LOOP_FOLDED = """main (bridge/cli.py:9);Runner.run (asyncio/runners.py:118) 6
+main (bridge/cli.py:9);handle (workers/doshii.py:40);put (shared/partners.py:150) 3
+main (bridge/cli.py:9);handle (workers/doshii.py:40);dumps (json/__init__.py:231) 1
 """
 
 
@@ -192,7 +192,7 @@ def test_hot_spots_self_package_and_inclusive() -> None:
     assert packages == {"workers": 50.0, "shared": 30.0, "uvloop": 20.0}
     inclusive = {s.name: s.samples for s in inclusive_by_function(stacks)}
     # `<module>` is on every stack: an entry point, left out.
-    assert "<module> (shared/cli.py)" not in inclusive
+    assert "<module> (bridge/cli.py)" not in inclusive
     assert inclusive["handle (workers/pdfs.py)"] == 50
     assert "run (asyncio/runners.py)" not in inclusive
     lines = summary("worker pdfs", stacks, top=1)

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 import shared.metrics  # noqa: F401  (registers every metric the code exports)
+from bridge.cli import parser
 from sandbox.server import _origin as sandbox_origin
-from shared.cli import parser
 from shared.settings import ENV_PREFIX, PdfOrigin, Settings, load_settings
 from shared.topology import Stage
 

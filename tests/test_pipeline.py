@@ -245,7 +245,7 @@ async def test_worker_killed_mid_message_is_redelivered_and_completed(
 async def start_worker(env: dict[str, str]) -> asyncio.subprocess.Process:
     """`bridge worker all` as a child process of its own."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.cli", "worker", "all", env=env
+        sys.executable, "-m", "bridge", "worker", "all", env=env
     )
 
 

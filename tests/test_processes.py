@@ -37,7 +37,7 @@ async def bridge(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "shared.cli",
+        "bridge",
         *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,

@@ -58,7 +58,7 @@ def test_bad_value_is_named(monkeypatch: pytest.MonkeyPatch, variable: str, valu
 def test_process_exits_with_the_message() -> None:
     env = {"PATH": "/usr/bin:/bin"}
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "ingress"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "bridge", "ingress"], env=env, capture_output=True, text=True
     )
     assert result.returncode == 2
     assert "BRIDGE_KEY_SECRETS: is missing" in result.stderr
@@ -144,7 +144,7 @@ def test_readme_documents_every_setting() -> None:
 def test_pdfs_worker_refuses_to_start_without_pdf_hosts() -> None:
     env = {"PATH": "/usr/bin:/bin", **REQUIRED}
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "worker", "pdfs"],
+        [sys.executable, "-m", "bridge", "worker", "pdfs"],
         env=env,
         capture_output=True,
         text=True,

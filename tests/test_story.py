@@ -25,6 +25,7 @@ import yaml
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from bridge import cli
 from ingress.app import NOTIFICATION_PATH
 from sandbox.demo import as_env, free_ports
 from sandbox.doshii import DOSHII_BASE_PATH
@@ -45,7 +46,6 @@ from sandbox.story import (
     tell_story,
     wait_for_ingress,
 )
-from shared import cli
 from shared.models import value_to_cents
 from shared.settings import ENV_PREFIX, Settings
 from shared.topology import Names
@@ -147,10 +147,10 @@ def bridge_env(namespace: str, tmp_path: Path, ports: Ports) -> dict[str, str]:
 
 
 def start(name: str, args: list[str], env: Mapping[str, str], log_path: Path) -> Child:
-    """`python -m shared.cli ARGS`, its stdout and stderr both into `log_path`."""
+    """`python -m bridge ARGS`, its stdout and stderr both into `log_path`."""
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args],
+            [sys.executable, "-m", "bridge", *args],
             env=dict(env),
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
@@ -283,7 +283,7 @@ async def test_story_mode_plays_every_voucher_against_a_separate_bridge(
 def test_story_without_key_secrets_exits_2_naming_the_variable() -> None:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
     completed = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "sandbox", "--story", "http://127.0.0.1:9"],
+        [sys.executable, "-m", "bridge", "sandbox", "--story", "http://127.0.0.1:9"],
         env=env,
         cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL,

@@ -1,7 +1,7 @@
 """The bridge as real processes for the fault scenarios: start, kill, watch, settle.
 
 A scenario runs the sandboxes in the test process and the bridge the way it is deployed:
-`python -m shared.cli ingress` and `python -m shared.cli worker all`, each a child process with
+`python -m bridge ingress` and `python -m bridge worker all`, each a child process with
 its log in a file of its own. `open_bridge` kills whatever is still running when it exits.
 """
 
@@ -80,7 +80,7 @@ async def wait_until_async(
 
 @dataclass
 class Proc:
-    """A bridge process: `python -m shared.cli ...`, its output in `log_path`."""
+    """A bridge process: `python -m bridge ...`, its output in `log_path`."""
 
     name: str
     process: asyncio.subprocess.Process
@@ -207,7 +207,7 @@ class Bridge:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "shared.cli",
+                "bridge",
                 *args,
                 env=env,
                 cwd=REPO,

@@ -1,7 +1,7 @@
 """Fault scenarios through the real pipeline: each sends known vouchers and ends with a ledger.
 
-The sandboxes run in this process; the ingress and the workers run as `python -m shared.cli
-ingress` and `python -m shared.cli worker all`, on the real broker (through a TcpProxy where the
+The sandboxes run in this process; the ingress and the workers run as `python -m bridge
+ingress` and `python -m bridge worker all`, on the real broker (through a TcpProxy where the
 scenario cuts it). Every scenario asserts that nothing accepted was lost and that Doshii never
 got contradicting updates, then what is particular to its fault. The ledger table is printed at
 the end of the run and written to var/chaos-latest.md.

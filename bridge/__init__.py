@@ -1,0 +1,1 @@
+"""The `bridge` command: composes the ingress, the workers, the ledger and the sandboxes."""
