@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format typecheck test pytest bench demo chaos broker clean
+.PHONY: install lint format typecheck test pytest bench demo chaos broker postgres db-upgrade clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ install: $(STAMP)
 broker:
 	./scripts/ensure-broker.sh
 
+postgres:
+	./scripts/ensure-postgres.sh
+
+db-upgrade: install postgres
+	$(BIN)/bridge db upgrade
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -28,19 +34,19 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install broker
+pytest: install broker postgres
 	$(BIN)/pytest
 
 test: lint typecheck pytest
 
-bench: install broker
+bench: install broker postgres
 	./scripts/ensure-wrk.sh
 	$(BIN)/python -m bench
 
-demo: install broker
+demo: install broker postgres
 	$(BIN)/python -m sandbox.demo
 
-chaos: install broker
+chaos: install broker postgres
 	$(BIN)/pytest -m chaos -s
 
 clean:

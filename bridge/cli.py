@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -19,9 +21,9 @@ from sandbox.server import (
 )
 from shared import logs
 from shared.errors import SettingsError
+from shared.journal import State
 from shared.settings import Settings, load_settings
-
-ROLES = ("reservations", "pdfs", "lifecycle", "doshii", "all")
+from workers.main import ROLES
 
 
 def _settings() -> Settings:
@@ -53,6 +55,17 @@ def _ingress(args: argparse.Namespace) -> int:
     return run(main)
 
 
+def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
+    """Run a service; a setting found bad only once it runs (the ledger away) exits 2."""
+    from shared.service import run
+
+    try:
+        return run(main)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        return 2
+
+
 def _checked(settings: Settings, role: str) -> None:
     from workers.main import check_settings
 
@@ -66,19 +79,17 @@ def _checked(settings: Settings, role: str) -> None:
 def _worker(args: argparse.Namespace) -> int:
     settings = _settings()
     _checked(settings, args.role)
-    from shared.service import run
     from workers.main import serve_workers
 
-    return run(lambda stop: serve_workers(settings, args.role, stop, drain=args.drain))
+    return _serve(lambda stop: serve_workers(settings, args.role, stop, drain=args.drain))
 
 
 def _run_all(args: argparse.Namespace) -> int:
     settings = _settings()
     _checked(settings, "all")
-    from shared.service import run
     from workers.main import serve_everything
 
-    return run(lambda stop: serve_everything(settings, stop))
+    return _serve(lambda stop: serve_everything(settings, stop))
 
 
 def _mint(args: argparse.Namespace) -> int:
@@ -99,6 +110,58 @@ def _dlq(args: argparse.Namespace) -> int:
     from workers import dlq
 
     return run(lambda stop: dlq.command(settings, args))
+
+
+def _db(args: argparse.Namespace) -> int:
+    """`bridge db upgrade`: bring the ledger's schema to this code's version."""
+    settings = _settings()
+    from shared.ledger import Ledger, create_pool, where
+
+    async def main(stop: asyncio.Event) -> int:
+        pool = await create_pool(settings, max_size=1)
+        try:
+            applied = await Ledger(pool).upgrade(settings.database_schema)
+            version = await Ledger(pool).version()
+        finally:
+            await pool.close()
+        for migration in applied:
+            print(f"applied {migration.version:04d}_{migration.name}")
+        print(f"the ledger at {where(settings)} is at schema version {version}")
+        return 0
+
+    return _serve(main)
+
+
+def _status(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from bridge import status
+
+    return _serve(lambda stop: status.status(settings, args.id, as_json_lines=args.json))
+
+
+def _vouchers(args: argparse.Namespace) -> int:
+    settings = _settings()
+    from bridge import status
+
+    return _serve(
+        lambda stop: status.vouchers(
+            settings,
+            state=args.state,
+            stuck=args.stuck,
+            since=args.since,
+            json_lines=args.json,
+            limit=args.limit,
+        )
+    )
+
+
+def _duration(text: str) -> timedelta:
+    from bridge.status import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _story_settings(args: argparse.Namespace) -> Settings:
@@ -228,6 +291,29 @@ def parser() -> argparse.ArgumentParser:
     purge = dlq_commands.add_parser("purge", help="delete every dead letter")
     purge.add_argument("--yes", action="store_true", help="do not ask")
     purge.set_defaults(func=_dlq)
+
+    db = commands.add_parser("db", help="the ledger's database")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser(
+        "upgrade", help="apply the ledger's migrations (the one step before first start)"
+    ).set_defaults(func=_db)
+
+    status = commands.add_parser("status", help="where a voucher is, and its journey")
+    status.add_argument("id", help="a voucher id, coupon id or Doshii request id")
+    status.add_argument("--json", action="store_true", help="one JSON object per voucher")
+    status.set_defaults(func=_status)
+
+    vouchers = commands.add_parser("vouchers", help="list vouchers from the ledger")
+    vouchers.add_argument("--state", choices=[str(s) for s in State], help="only in this state")
+    vouchers.add_argument(
+        "--stuck", action="store_true", help="only those that need an operator or have not moved"
+    )
+    vouchers.add_argument(
+        "--since", type=_duration, help="only those changed within this long: 90s, 15m, 2h, 7d"
+    )
+    vouchers.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    vouchers.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
+    vouchers.set_defaults(func=_vouchers)
 
     sandbox = commands.add_parser("sandbox", help="serve the Jackpot and Doshii sandboxes")
     sandbox.add_argument("--host", default="127.0.0.1")

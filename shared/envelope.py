@@ -19,6 +19,8 @@ LAST_FAILURE = "x-bridge-last-failure"
 REASON = "x-bridge-reason"
 STAGE = "x-bridge-stage"
 QUEUE = "x-bridge-queue"
+# Who made a message that did not come through the ingress (the sweeper's READY, say).
+ORIGIN = "x-bridge-origin"
 
 
 def claim_headers(claims: KeyClaims, received_ms: int) -> dict[str, str | int]:

@@ -125,3 +125,27 @@ OLDEST_MESSAGE_AGE = Gauge(
     "Age (since the ingress received it) of the last message a stage started on.",
     ["stage"],
 )
+
+
+# The ledger and its sweeper.
+LEDGER_WRITES = Counter(
+    "bridge_ledger_writes_total", "Batches of journey steps written to PostgreSQL", ["result"]
+)
+LEDGER_STEPS = Counter("bridge_ledger_steps_total", "Journey steps written (copies included)")
+LEDGER_WRITE_SECONDS = Histogram(
+    "bridge_ledger_write_seconds",
+    "Time to write one batch of steps, retries while PostgreSQL is away included",
+    buckets=_FLOW_BUCKETS_S,
+)
+VOUCHERS_BY_STATE = Gauge("bridge_vouchers", "Vouchers in the ledger by state", ["state"])
+STUCK_VOUCHERS = Gauge(
+    "bridge_vouchers_stuck",
+    "Vouchers that need an operator, or have not moved for BRIDGE_SWEEP_READY_AFTER_S",
+)
+OLDEST_UNFINISHED_AGE = Gauge(
+    "bridge_voucher_oldest_unfinished_age_seconds",
+    "Age of the oldest voucher that is not activated, cancelled, rejected or expired",
+)
+SWEEP_OUTCOMES = Counter(
+    "bridge_sweep_outcomes_total", "What the sweeper found and did, by outcome", ["outcome"]
+)

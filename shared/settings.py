@@ -111,6 +111,16 @@ class Settings(BaseSettings):
     worker_http_port: int = Field(9100, ge=0, le=65535)
     drain_timeout_s: float = Field(30.0, gt=0)
 
+    # Ledger (PostgreSQL): the journey of every voucher, and the sweeper that reconciles it
+    ledger: bool = True  # False: no journey steps, and no ledger or sweeper in `all`
+    database_url: SecretStr = SecretStr("postgresql://bridge:bridge@127.0.0.1:5432/bridge")
+    database_schema: str = Field("public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    sweep_interval_s: float = Field(60.0, gt=0)
+    sweep_ready_after_s: float = Field(15 * 60.0, gt=0)
+    sweep_give_up_s: float = Field(24 * 3600.0, gt=0)
+    sweep_audit_every_s: float = Field(3600.0, gt=0)
+    sweep_audit_window_s: float = Field(7 * 24 * 3600.0, gt=0)
+
     # Logs
     log_level: str = Field("info", pattern=r"(?i)^(debug|info|warning|error)$")
     log_json: bool | None = None  # None: JSON unless stderr is a terminal
@@ -143,6 +153,14 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database(cls, value: SecretStr) -> SecretStr:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise ValueError("must be a postgresql://user:password@host:port/database URL")
+        return value
 
     @field_validator("amqp_url")
     @classmethod

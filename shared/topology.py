@@ -7,6 +7,7 @@
     <ns>.delay (headers, bridge-tier) ─▶ <ns>.delay.<N>s  (TTL N s, dead-letters to <ns>.retry)
     <ns>.retry (direct, key = work queue name) ─▶ that work queue
     <ns>.dead (fanout) ─▶ <ns>.dead   (explicit dead letters and x-delivery-limit overflow)
+    <ns>.journal (fanout) ─▶ <ns>.ledger  (journey steps; the ledger worker writes them down)
 
 Every queue is a quorum queue with at-least-once dead-lettering, so a message moving to a delay
 tier, back from one, or to the dead queue is never dropped on the way.
@@ -67,6 +68,14 @@ class Names:
     def dead(self) -> str:
         return f"{self.namespace}.dead"
 
+    @property
+    def journal(self) -> str:
+        return f"{self.namespace}.journal"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.namespace}.ledger"
+
     def queue(self, stage: Stage) -> str:
         return f"{self.namespace}.{stage}"
 
@@ -100,6 +109,7 @@ async def declare(
     delay = await channel.declare_exchange(names.delay, kinds.HEADERS, durable=True)
     retry = await channel.declare_exchange(names.retry, kinds.DIRECT, durable=True)
     dead = await channel.declare_exchange(names.dead, kinds.FANOUT, durable=True)
+    journal = await channel.declare_exchange(names.journal, kinds.FANOUT, durable=True)
 
     dead_queue = await channel.declare_queue(
         names.dead, durable=True, arguments={"x-queue-type": "quorum"}
@@ -117,6 +127,17 @@ async def declare(
         await queue.bind(events, routing_key=route)
         await queue.bind(retry, routing_key=names.queue(stage))
 
+    # Steps wait here while PostgreSQL is away; a journal message that cannot be written
+    # after the delivery limit goes to the dead queue like any other.
+    ledger = await channel.declare_queue(
+        names.ledger,
+        durable=True,
+        arguments=_quorum(
+            {"x-delivery-limit": delivery_limit, "x-dead-letter-exchange": names.dead}
+        ),
+    )
+    await ledger.bind(journal)
+
     for delay_s in tiers_s:
         tier = await channel.declare_queue(
             names.tier_queue(delay_s),
@@ -132,9 +153,9 @@ async def declare(
 async def delete(channel: AbstractChannel, namespace: str, *, tiers_s: Sequence[int]) -> None:
     """Remove every exchange and queue of `namespace` (tests and the demo clean up with it)."""
     names = Names(namespace)
-    queues = [names.dead, *(names.queue(s) for s in Stage)]
+    queues = [names.dead, names.ledger, *(names.queue(s) for s in Stage)]
     queues += [names.tier_queue(t) for t in tiers_s]
     for queue in queues:
         await channel.queue_delete(queue)
-    for exchange in (names.events, names.delay, names.retry, names.dead):
+    for exchange in (names.events, names.delay, names.retry, names.dead, names.journal):
         await channel.exchange_delete(exchange)

@@ -13,9 +13,13 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from shared import topology
+from shared.ledger import Ledger, create_pool
 from shared.settings import Settings
 
 AMQP_URL = os.environ.get("BRIDGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+DATABASE_URL = os.environ.get(
+    "BRIDGE_DATABASE_URL", "postgresql://bridge:bridge@127.0.0.1:5432/bridge"
+)
 TEST_SECRETS = ["test-secret-one-0123456789", "test-secret-old-9876543210"]
 # Short tiers keep retry tests quick while exercising the real TTL queues.
 TEST_TIERS_S = [1, 2]
@@ -24,6 +28,11 @@ TEST_TIERS_S = [1, 2]
 @pytest.fixture
 def namespace() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def schema_of(namespace: str) -> str:
+    """The ledger schema of a test's namespace."""
+    return namespace.replace("-", "_").lower()
 
 
 @pytest.fixture
@@ -50,6 +59,8 @@ def make_settings(namespace: str, tmp_path: Path) -> Callable[..., Settings]:
             "drain_timeout_s": 5.0,
             "worker_http_port": 0,
             "log_json": True,
+            "database_url": DATABASE_URL,
+            "database_schema": schema_of(namespace),
         }
         values.update(overrides)
         return Settings(**values)
@@ -78,8 +89,28 @@ async def channel(amqp: AbstractConnection) -> AsyncIterator[AbstractChannel]:
 
 
 @pytest.fixture
-async def broker(channel: AbstractChannel, settings: Settings) -> AsyncIterator[topology.Names]:
-    """This test's namespace, declared on the real broker and deleted afterwards."""
+async def ledger_schema(settings: Settings) -> AsyncIterator[str]:
+    """This test's ledger: a schema of its own on the real PostgreSQL, dropped afterwards."""
+    pool = await create_pool(settings, max_size=1)
+    try:
+        await Ledger(pool).upgrade(settings.database_schema)
+        yield settings.database_schema
+    finally:
+        await pool.execute(f'DROP SCHEMA IF EXISTS "{settings.database_schema}" CASCADE')
+        await pool.close()
+
+
+@pytest.fixture
+async def ledger(settings: Settings, ledger_schema: str) -> AsyncIterator[Ledger]:
+    async with Ledger.open(settings) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def broker(
+    channel: AbstractChannel, settings: Settings, ledger_schema: str
+) -> AsyncIterator[topology.Names]:
+    """This test's namespace on the real broker, and its ledger; both deleted afterwards."""
     names = await topology.declare(
         channel,
         settings.namespace,

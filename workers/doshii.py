@@ -7,6 +7,8 @@ from typing import Any
 
 from shared import envelope, metrics
 from shared.errors import PermanentError
+from shared.journal import Outcome as Step
+from shared.journal import State
 from shared.models import DoshiiStatus, DoshiiUpdate
 from shared.partners import PartnerRefused
 from workers.deps import Deps
@@ -60,6 +62,14 @@ def make_handler(deps: Deps) -> Handler:
         if received is not None:
             latency_s = (datetime.now(UTC) - received).total_seconds()
             metrics.NOTIFICATION_TO_DOSHII_SECONDS.observe(latency_s)
-        return Outcome(detail=detail)
+        activated = update.status == DoshiiStatus.ACTIVATED
+        if update.cancelled_reason:
+            detail = f"{detail}: {update.cancelled_reason}"
+        return Outcome(
+            detail=detail,
+            step=Step.ACTIVATED if activated else Step.CANCELLED,
+            state=State.ACTIVATED if activated else State.CANCELLED,
+            facts={"doshii_status": str(update.status)},
+        )
 
     return handle

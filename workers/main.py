@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import structlog
 from aiohttp import web
 
 from shared import service
 from shared.errors import SettingsError
+from shared.ledger import Ledger
 from shared.service import start_site
 from shared.settings import Settings
 from shared.topology import Stage
 from workers import doshii, lifecycle, pdfs, reservations
 from workers.deps import Deps, open_deps
-from workers.runner import Handler, Runner
+from workers.ledger import LedgerWriter
+from workers.runner import Consumer, Handler, Runner
+from workers.sweeper import Sweeper
 
 log = structlog.get_logger("workers")
 
@@ -28,12 +32,31 @@ HANDLER_FACTORIES = {
 RUNNER = web.AppKey("runner", Runner)
 
 
+# Roles that are not a stage: they need the ledger's database.
+LEDGER_ROLES = ("ledger", "sweeper")
+ROLES = (*(str(s) for s in Stage), *LEDGER_ROLES, "all")
+
+
 def stages_for(role: str) -> list[Stage]:
-    return list(Stage) if role == "all" else [Stage(role)]
+    if role == "all":
+        return list(Stage)
+    return [] if role in LEDGER_ROLES else [Stage(role)]
+
+
+def ledger_roles(settings: Settings, role: str) -> list[str]:
+    """The ledger roles `role` runs: both in `all`, unless the ledger is turned off."""
+    if role == "all":
+        return list(LEDGER_ROLES) if settings.ledger else []
+    return [role] if role in LEDGER_ROLES else []
 
 
 def check_settings(settings: Settings, role: str) -> None:
     """Refuse to start a role that its settings leave unable to work."""
+    if not settings.ledger and role in LEDGER_ROLES:
+        raise SettingsError(
+            "voucher-bridge cannot start: bad settings\n"
+            f"  BRIDGE_LEDGER: is false, so there is no journal for the {role} worker to read"
+        )
     if Stage.PDFS in stages_for(role) and not settings.pdf_hosts:
         raise SettingsError(
             "voucher-bridge cannot start: bad settings\n"
@@ -47,7 +70,7 @@ def handlers(deps: Deps, stages: list[Stage]) -> dict[Stage, Handler]:
 
 async def _readyz(request: web.Request) -> web.Response:
     runner = request.app[RUNNER]
-    if runner.ready:
+    if runner.ready or not runner.stages:  # the sweeper alone holds no broker connection
         return web.json_response({"status": "ready", "in_flight": runner.in_flight})
     return web.json_response(
         {"status": "unavailable", "detail": "no broker connection"}, status=503
@@ -67,17 +90,42 @@ def status_app(runner: Runner) -> web.Application:
 async def serve_workers(
     settings: Settings, role: str, stop: asyncio.Event, *, drain: bool = False
 ) -> None:
-    """Run the workers of `role` until SIGTERM (or, with drain, until the queues are empty)."""
-    async with open_deps(settings) as deps:
-        runner = Runner(settings, handlers(deps, stages_for(role)), role=f"worker {role}")
+    """Run the workers of `role` until SIGTERM (or, with drain, until the queues are empty).
+
+    The ledger roles need PostgreSQL at start (an unreachable one or an old schema is a
+    SettingsError naming it); the stages never wait for it.
+    """
+    extra = ledger_roles(settings, role)
+    async with contextlib.AsyncExitStack() as stack:
+        deps = await stack.enter_async_context(open_deps(settings))
+        ledger = await stack.enter_async_context(Ledger.open(settings)) if extra else None
+        consumers: list[Consumer] = []
+        if ledger is not None and "ledger" in extra:
+            consumers.append(LedgerWriter(settings, ledger))
+        runner = Runner(
+            settings,
+            handlers(deps, stages_for(role)),
+            role=f"worker {role}",
+            consumers=consumers,
+        )
         site, port = await start_site(
             status_app(runner), settings.http_host, settings.worker_http_port, shutdown_timeout_s=1
         )
+        stack.push_async_callback(site.cleanup)
         log.info("worker_status_listening", role=role, port=port)
+        tasks = []
+        if runner.stages:
+            tasks.append(asyncio.create_task(runner.run(stop, drain=drain)))
+        if ledger is not None and "sweeper" in extra and not (drain and role == "all"):
+            # Alone and draining, the sweeper makes one pass; with the stages, it sweeps on.
+            sweeper = Sweeper(settings, ledger, deps)
+            tasks.append(asyncio.create_task(sweeper.run(stop, once=drain)))
         try:
-            await runner.run(stop, drain=drain)
+            await asyncio.gather(*tasks)
         finally:
-            await site.cleanup()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve_everything(settings: Settings, stop: asyncio.Event) -> None:

@@ -14,8 +14,9 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import structlog
 
-from shared import envelope
+from shared import envelope, journal
 from shared.errors import PermanentError, TransientError
+from shared.journal import State
 from shared.logs import redact_url
 from shared.models import DoshiiStatus, DoshiiUpdate, Voucher, value_to_cents
 from shared.partners import call
@@ -126,13 +127,28 @@ def stored(folder: Path, voucher_id: str) -> bool:
         return False
 
 
-async def fetch_pdf(deps: Deps, voucher: Voucher, received: datetime | None) -> bytes:
+def renewed_step(message: Incoming, voucher: Voucher, why: str) -> journal.Step:
+    return journal.step(
+        voucher.id,
+        message.message_id or f"{voucher.id}:READY",
+        "pdfs",
+        journal.Outcome.LINK_RENEWED,
+        attempt=message.attempt,
+        detail=why,
+    )
+
+
+async def fetch_pdf(deps: Deps, message: Incoming, voucher: Voucher) -> bytes:
     voucher_id = str(voucher.id)
     url = voucher.signedUrl
     renewed = False
-    if url is None or link_expired(voucher, received, datetime.now(UTC)):
+    if url is None or link_expired(
+        voucher, envelope.received_at(message.headers), datetime.now(UTC)
+    ):
         url = await deps.jackpot.signed_url(voucher_id)
         renewed = True
+        why = "no link in the notification" if voucher.signedUrl is None else "link too old"
+        message.steps.append(renewed_step(message, voucher, why))
     try:
         return await download(deps.downloads, url, deps)
     except LinkRefused:
@@ -140,6 +156,7 @@ async def fetch_pdf(deps: Deps, voucher: Voucher, received: datetime | None) -> 
             raise TransientError("PDF storage refused a freshly signed link") from None
     log.info("link_renewed", reason="refused")
     url = await deps.jackpot.signed_url(voucher_id)
+    message.steps.append(renewed_step(message, voucher, "PDF storage refused the link"))
     try:
         return await download(deps.downloads, url, deps)
     except LinkRefused as error:
@@ -159,13 +176,16 @@ def make_handler(deps: Deps) -> Handler:
                 f"{claims.amount_cents}: resolve by hand"
             )
         # A local stat and a 5-byte read: cheaper inline than a hop to a thread.
+        path = settings.pdf_dir / f"{voucher_id}.pdf"
         if stored(settings.pdf_dir, voucher_id):
             detail = "PDF already stored"
+            size = path.stat().st_size
         else:
-            data = await fetch_pdf(deps, voucher, envelope.received_at(message.headers))
+            data = await fetch_pdf(deps, message, voucher)
             # The fsync can take milliseconds on a busy disk: keep it off the event loop.
             path = await asyncio.to_thread(store, settings.pdf_dir, voucher_id, data)
-            detail = f"PDF stored: {path} ({len(data)} bytes)"
+            size = len(data)
+            detail = f"PDF stored: {path} ({size} bytes)"
         update = DoshiiUpdate(
             location_id=claims.location_id,
             request_id=claims.request_id,
@@ -176,6 +196,12 @@ def make_handler(deps: Deps) -> Handler:
             expiry_date=voucher.validityDate,
             reference=voucher.couponId,
         )
-        return Outcome(emit=[doshii_update(deps.names, message, update)], detail=detail)
+        return Outcome(
+            emit=[doshii_update(deps.names, message, update)],
+            detail=detail,
+            step=journal.Outcome.PDF_STORED,
+            state=State.PDF_STORED,
+            facts={"pdf_path": str(path), "pdf_bytes": size},
+        )
 
     return handle

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import structlog
 
+from shared.journal import Outcome as Step
+from shared.journal import State
 from shared.models import DoshiiStatus, KeyClaims, Voucher, value_to_cents
 from shared.settings import ConfirmMode
 from workers.deps import Deps
@@ -41,19 +43,25 @@ def make_handler(deps: Deps) -> Handler:
                 reason = f"Gift card not issued: {problem}"
                 emit.append(cancellation(deps.names, message, voucher, claims, reason))
             log.warning("reservation_rejected", reason=problem, coupon_id=voucher.couponId)
-            return Outcome("rejected", emit=emit, detail=problem)
+            return Outcome(
+                "rejected", emit=emit, detail=problem, step=Step.REJECTED, state=State.REJECTED
+            )
 
         if status != DoshiiStatus.PENDING:
             if status == DoshiiStatus.ACTIVATED and request.get("reference") == voucher.couponId:
-                return Outcome(detail="request already activated with this voucher")
+                return Outcome(
+                    detail="request already activated with this voucher", step=Step.IGNORED
+                )
             await deps.jackpot.cancel(voucher_id)
             reason = f"Doshii request {claims.request_id} is {status}, voucher cancelled"
             log.warning("reservation_rejected", reason=reason, coupon_id=voucher.couponId)
-            return Outcome("rejected", detail=reason)
+            return Outcome("rejected", detail=reason, step=Step.REJECTED, state=State.REJECTED)
 
         if settings.jackpot_confirm is ConfirmMode.NOTIFICATION:
-            return Outcome(detail="agreed by the ingress's answer")
-        confirmed = await deps.jackpot.confirm(voucher_id)
-        return Outcome(detail="confirmed" if confirmed else "already confirmed")
+            detail = "agreed by the ingress's answer"
+        else:
+            confirmed = await deps.jackpot.confirm(voucher_id)
+            detail = "confirmed at Jackpot" if confirmed else "already confirmed at Jackpot"
+        return Outcome(detail=detail, step=Step.CONFIRMED, state=State.CONFIRMED)
 
     return handle

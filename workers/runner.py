@@ -18,7 +18,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+from uuid import UUID
 
 import aio_pika
 import structlog
@@ -34,9 +35,10 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from shared import envelope, metrics, topology
+from shared import envelope, journal, metrics, topology
 from shared.broker import Outgoing, connect, connection_name
 from shared.errors import PermanentError, TransientError
+from shared.journal import Journal, State, Step
 from shared.settings import Settings
 from shared.topology import Names, Stage
 
@@ -65,15 +67,25 @@ class Incoming:
     correlation_id: str | None
     stage: Stage
     attempt: int  # delay tiers already waited out
+    # Journey steps the handler learnt on the way (the notification received, a link
+    # renewed); recorded with the stage's own step, whatever the outcome.
+    steps: list[Step] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a handler did: `done` or `rejected` (a business refusal), and what to publish."""
+    """What a handler did: `done` or `rejected` (a business refusal), and what to publish.
+
+    `step`, `state` and `facts` describe the stage's journey step (its outcome word, the
+    voucher's new state, what it learnt about the voucher); by default the step is `result`.
+    """
 
     result: str = "done"
     emit: Sequence[Outgoing] = ()
     detail: str | None = None
+    step: str | None = None
+    state: State | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)
 
 
 Handler = Callable[[Incoming], Awaitable[Outcome]]
@@ -87,6 +99,7 @@ class Result:
     detail: str | None = None
     emit: Sequence[Outgoing] = ()
     retry_after_s: float | None = None
+    outcome: Outcome | None = None
 
 
 def _now_iso() -> str:
@@ -130,6 +143,42 @@ def choose_tier(tiers_s: Sequence[int], attempt: int, retry_after_s: float | Non
     return tiers_s[-1]
 
 
+class Consumer(Protocol):
+    """What the runner starts on each connection: a stage runner, or the ledger's writer."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def queue(self) -> str: ...
+
+    @property
+    def in_flight(self) -> set[asyncio.Task[None]]: ...
+
+    async def attach(self, connection: AbstractConnection, journal: Journal | None) -> None: ...
+
+    async def detach(self) -> None: ...
+
+
+async def journal_for(connection: AbstractConnection, names: Names) -> Journal:
+    """A journal on a channel of its own, with confirms: steps are recorded before acks."""
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    exchange = await channel.get_exchange(names.journal, ensure=False)
+
+    async def send(body: bytes) -> None:
+        await exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type=journal.JOURNAL_CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key="",
+            mandatory=True,
+        )
+
+    return Journal(send)
+
+
 @dataclass
 class StageRunner:
     """Consumes one stage's queue with one handler."""
@@ -140,22 +189,28 @@ class StageRunner:
     names: Names
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     channel: AbstractChannel | None = None
+    journal: Journal | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.stage)
 
     @property
     def queue(self) -> str:
         return self.names.queue(self.stage)
 
-    async def attach(self, connection: AbstractConnection) -> None:
+    async def attach(self, connection: AbstractConnection, journal: Journal | None) -> None:
         """Open a channel with confirms, set the prefetch, and start consuming."""
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         queue = await channel.get_queue(self.queue, ensure=False)
         self.channel = channel
+        self.journal = journal
         self.semaphore = asyncio.Semaphore(self.settings.concurrency)
         self.consumer_tag = await queue.consume(self._on_message, consumer_tag=self._tag())
 
     def _tag(self) -> str:
-        return f"{connection_name(self.stage)} {id(self):x}"
+        return consumer_tag(self.name, self)
 
     async def detach(self) -> None:
         """Stop taking new messages (in-flight ones keep going)."""
@@ -170,8 +225,7 @@ class StageRunner:
         assert task is not None
         self.in_flight.add(task)
         try:
-            async with self.semaphore:
-                await self.process(message)
+            await self.process(message)
         finally:
             self.in_flight.discard(task)
 
@@ -222,7 +276,9 @@ class StageRunner:
 
     async def _handle(self, incoming: Incoming) -> Result:
         try:
-            outcome = await self._attempts(incoming)
+            # Only the handler's own work is bounded: settling waits on the broker alone.
+            async with self.semaphore:
+                outcome = await self._attempts(incoming)
         except TransientError as error:
             return Result("retried", str(error), retry_after_s=error.retry_after_s)
         except PermanentError as error:
@@ -230,13 +286,13 @@ class StageRunner:
         except Exception as error:
             log.exception("handler_crashed")
             return Result("dead", f"unexpected error: {type(error).__name__}: {error}")
-        return Result(outcome.result, outcome.detail, emit=outcome.emit)
+        return Result(outcome.result, outcome.detail, emit=outcome.emit, outcome=outcome)
 
     async def _attempts(self, incoming: Incoming) -> Outcome:
         """The handler, then a few quick retries (tenacity) if it fails transiently."""
         try:
             # Most messages succeed at once: only a transient failure pays for tenacity.
-            return await self.handler(incoming)
+            return await self._call(incoming)
         except TransientError as error:
             if self.settings.quick_retries <= 1 or _too_long(error):
                 raise
@@ -256,30 +312,71 @@ class StageRunner:
         )
         async for attempt in retrying:
             with attempt:
-                return await self.handler(incoming)
+                return await self._call(incoming)
         raise RuntimeError("quick retries ended without an outcome")
+
+    async def _call(self, incoming: Incoming) -> Outcome:
+        incoming.steps.clear()  # a retried call learns its steps again
+        return await self.handler(incoming)
 
     async def _settle(
         self, message: AbstractIncomingMessage, incoming: Incoming, result: Result
     ) -> str:
         """Publish what the result calls for, confirmed, then ack; returns the final outcome."""
         kind = result.kind
+        detail = result.detail or ""
         if kind == "retried":
             tiers = self.settings.retry_tiers_s
             delay_s = choose_tier(tiers, incoming.attempt, result.retry_after_s)
             if delay_s is None:
                 kind = "dead"
-                reason = f"gave up after {incoming.attempt + 1} attempts: {result.detail}"
-                await self._dead_letter(message, incoming, reason)
+                detail = f"gave up after {incoming.attempt + 1} attempts: {result.detail}"
+                await self._dead_letter(message, incoming, detail)
             else:
-                await self._delay(message, incoming, delay_s, result.detail or "")
+                await self._delay(message, incoming, delay_s, detail)
+                detail = f"{detail} (next try in {delay_s} s)"
         elif kind == "dead":
-            await self._dead_letter(message, incoming, result.detail or "")
+            await self._dead_letter(message, incoming, detail)
         else:
             for outgoing in result.emit:
                 await self.publish(outgoing)
+        if self.journal is not None:
+            await self.journal.record(self._steps(incoming, kind, detail, result.outcome))
         await message.ack()
         return kind
+
+    def _steps(
+        self, incoming: Incoming, kind: str, detail: str, outcome: Outcome | None
+    ) -> list[Step]:
+        """The steps to record for this delivery: the handler's, then the stage's own."""
+        try:
+            voucher_id = UUID(incoming.correlation_id or "")
+        except ValueError:
+            # Not a voucher's message (it is in the dead queue with its reason if it failed).
+            return list(incoming.steps)
+        message_id = incoming.message_id or f"{voucher_id}:{self.stage}"
+        own: dict[str, Any]
+        if kind == "retried":
+            own = {"outcome": journal.Outcome.RETRIED}
+        elif kind == "dead":
+            own = {"outcome": journal.Outcome.DEAD_LETTERED, "state": State.DEAD}
+        elif outcome is not None:
+            own = {
+                "outcome": outcome.step or kind,
+                "state": outcome.state,
+                "facts": outcome.facts,
+            }
+        else:
+            own = {"outcome": kind}
+        stage_step = journal.step(
+            voucher_id,
+            message_id,
+            str(self.stage),
+            attempt=incoming.attempt,
+            detail=detail or None,
+            **own,
+        )
+        return [*incoming.steps, stage_step]
 
     def _failure_headers(
         self, message: AbstractIncomingMessage, incoming: Incoming, reason: str
@@ -348,6 +445,11 @@ class StageRunner:
         )
 
 
+def consumer_tag(name: str, owner: object) -> str:
+    """A consumer tag that names the process and role, unique per consumer."""
+    return f"{connection_name(name)} {id(owner):x}"
+
+
 async def until_quiet(
     channel: AbstractChannel, queues: Sequence[str], busy: Callable[[], bool]
 ) -> None:
@@ -370,12 +472,20 @@ class Runner:
     """Runs stage runners on one connection, reconnecting with consumers back after a loss."""
 
     def __init__(
-        self, settings: Settings, handlers: Mapping[Stage, Handler], *, role: str = "worker"
+        self,
+        settings: Settings,
+        handlers: Mapping[Stage, Handler],
+        *,
+        role: str = "worker",
+        consumers: Sequence[Consumer] = (),
     ) -> None:
         self.settings = settings
         self.names = Names(settings.namespace)
         self.role = role
-        self.stages = [StageRunner(s, h, settings, self.names) for s, h in handlers.items()]
+        self.stages: list[Consumer] = [
+            StageRunner(s, h, settings, self.names) for s, h in handlers.items()
+        ]
+        self.stages += consumers
         self.connected = asyncio.Event()
         self.connection: AbstractConnection | None = None
 
@@ -396,8 +506,10 @@ class Runner:
                 tiers_s=self.settings.retry_tiers_s,
                 delivery_limit=self.settings.delivery_limit,
             )
+        # One journal per connection: its steps travel on a channel of the same connection.
+        steps = await journal_for(connection, self.names) if self.settings.ledger else None
         for stage in self.stages:
-            await stage.attach(connection)
+            await stage.attach(connection, steps)
         return connection
 
     async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
@@ -423,7 +535,7 @@ class Runner:
                 delay_s = 0.1
                 self.connection = connection
                 self.connected.set()
-                log.info("consuming", stages=[str(s.stage) for s in self.stages])
+                log.info("consuming", stages=[s.name for s in self.stages])
                 closed = asyncio.ensure_future(self._closed(connection))
                 waiters: list[asyncio.Future[Any]] = [stopping, closed]
                 if drain:
@@ -455,7 +567,7 @@ class Runner:
         await future
 
     async def _until_drained(self, connection: AbstractConnection) -> None:
-        queues = [self.names.queue(s.stage) for s in self.stages]
+        queues = [s.queue for s in self.stages]
         queues += [self.names.tier_queue(t) for t in self.settings.retry_tiers_s]
         async with connection.channel() as channel:
             await until_quiet(channel, queues, lambda: self.in_flight > 0)
