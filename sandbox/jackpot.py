@@ -125,6 +125,8 @@ class JackpotSandbox:
         self.confirm_calls: collections.Counter[str] = collections.Counter()
         self.cancel_calls: collections.Counter[str] = collections.Counter()
         self.signedurl_calls: collections.Counter[str] = collections.Counter()
+        # Vouchers whose PDF is not made yet: their signedurl answers 409 VOUCHER_NOT_READY.
+        self.pdf_not_ready: set[str] = set()
         self.pdf_downloads: collections.Counter[str] = collections.Counter()
         self.deliveries: list[NotifyAttempt] = []
         self._targets: dict[str, tuple[str, str]] = {}
@@ -458,6 +460,9 @@ async def _signedurl(request: web.Request) -> web.StreamResponse:
     sandbox.signedurl_calls[vid] += 1
     if vid not in sandbox.vouchers:
         return _not_found(vid)
+    if vid in sandbox.pdf_not_ready:
+        # A voucher whose PDF Jackpot has not made yet: no link, so not READY.
+        return _error(409, "VOUCHER_NOT_READY", f"Voucher is {sandbox.vouchers[vid]['state']}")
     url = sandbox.signed_url(vid)
     if sandbox.signed_url_shape == "bare":
         return web.json_response(url)

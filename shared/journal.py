@@ -182,7 +182,7 @@ class VoucherChange:
     voucher_id: UUID
     facts: dict[str, Any]
     state: State | None
-    state_at: datetime
+    state_at: datetime | None  # None with no state: the row's state stays as it is
     first_seen: datetime
     last_change: datetime
 
@@ -205,7 +205,7 @@ def changes(steps: Sequence[Step]) -> list[VoucherChange]:
                 voucher_id=voucher_id,
                 facts=facts,
                 state=latest.state if latest else None,
-                state_at=(latest or own[0]).at,
+                state_at=latest.at if latest else None,
                 first_seen=own[0].at,
                 last_change=own[-1].at,
             )

@@ -12,7 +12,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from shared import envelope
+from shared import envelope, journal
 from shared.broker import connect
 from shared.settings import Settings
 from shared.topology import Names
@@ -107,6 +107,7 @@ async def replay(settings: Settings, message_id: str | None) -> int:
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         retry = await channel.get_exchange(names.retry, ensure=False)
+        steps = await channel.get_exchange(names.journal, ensure=False)
         for message in await _take_all(channel, names):
             letter = describe(message)
             if message_id is not None and letter.message_id != message_id:
@@ -126,10 +127,34 @@ async def replay(settings: Settings, message_id: str | None) -> int:
                 routing_key=letter.queue,
                 mandatory=True,
             )
+            if settings.ledger and letter.voucher_id:
+                await steps.publish(
+                    aio_pika.Message(
+                        journal.encode([replayed_step(letter)]),
+                        content_type=journal.JOURNAL_CONTENT_TYPE,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key="",
+                    mandatory=True,
+                )
             await message.ack()
             replayed += 1
         await channel.close()
     return replayed
+
+
+def replayed_step(letter: DeadLetter) -> journal.Step:
+    """The journey step of a replay; each replay is a step of its own (keyed by its time)."""
+    at_ms = journal.now_ms()
+    return journal.step(
+        letter.voucher_id,
+        f"{letter.message_id}:replay:{at_ms}",
+        "dlq",
+        journal.Outcome.REPLAYED,
+        at_ms=at_ms,
+        detail=f"back to {letter.queue} after: {letter.reason}",
+        state=journal.State.REPLAYED,
+    )
 
 
 async def purge(settings: Settings) -> int:

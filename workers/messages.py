@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from shared import envelope, journal
@@ -41,8 +42,10 @@ def voucher_of(message: Incoming) -> tuple[Voucher, KeyClaims]:
 RECEIVED_STATES = {VoucherState.RESERVED: State.RESERVED, VoucherState.READY: State.READY}
 
 
-def voucher_facts(voucher: Voucher, claims: KeyClaims) -> dict[str, Any]:
+def voucher_facts(voucher: Voucher, claims: KeyClaims, body: bytes) -> dict[str, Any]:
     """What a notification tells the ledger; its signed link is left out (it is a credential)."""
+    notification = orjson.loads(body)
+    notification.pop("signedUrl", None)
     return {
         "coupon_id": voucher.couponId,
         "location_id": claims.location_id,
@@ -53,7 +56,7 @@ def voucher_facts(voucher: Voucher, claims: KeyClaims) -> dict[str, Any]:
         "jackpot_state": str(voucher.state),
         "validity_date": voucher.validityDate.isoformat(),
         "resa_expire_date": voucher.resaExpireDate.isoformat(),
-        "notification": voucher.model_dump(mode="json", exclude={"signedUrl"}),
+        "notification": notification,
     }
 
 
@@ -69,7 +72,7 @@ def received(message: Incoming, voucher: Voucher, claims: KeyClaims) -> Step:
         at_ms=at_ms if isinstance(at_ms, int) else None,
         detail=f"{voucher.state} notification",
         state=RECEIVED_STATES.get(voucher.state),  # type: ignore[call-overload]
-        facts=voucher_facts(voucher, claims),
+        facts=voucher_facts(voucher, claims, message.body),
     )
 
 

@@ -164,6 +164,7 @@ class Sweeper:
         *,
         state: State | None = None,
         attempt: int = 0,
+        at_ms: int | None = None,
     ) -> None:
         await self.ledger.record(
             [
@@ -173,14 +174,15 @@ class Sweeper:
                     STAGE,
                     outcome,
                     attempt=attempt,
+                    at_ms=at_ms,
                     detail=detail,
                     state=state,
                 )
             ]
         )
 
-    def _headers(self, row: Row) -> dict[str, str | int]:
-        headers = envelope.claim_headers(claims_of(row), journal.now_ms())
+    def _headers(self, row: Row, at_ms: int | None = None) -> dict[str, str | int]:
+        headers = envelope.claim_headers(claims_of(row), at_ms or journal.now_ms())
         headers[envelope.ORIGIN] = STAGE
         return headers
 
@@ -200,6 +202,7 @@ class Sweeper:
                 continue
             notification = dict(row["notification"] or {})
             if link is not None:
+                found_ms = journal.now_ms()
                 notification.update(state=str(VoucherState.READY), signedUrl=link)
                 await self._publish(
                     channel,
@@ -209,7 +212,8 @@ class Sweeper:
                         body=orjson.dumps(notification),
                         message_id=f"{voucher_id}:{VoucherState.READY}",
                         correlation_id=voucher_id,
-                        headers=self._headers(row),
+                        # The READY it makes is received just after the link was found.
+                        headers=self._headers(row, found_ms + 1),
                     ),
                 )
                 await self._record(
@@ -217,6 +221,7 @@ class Sweeper:
                     Step.READY_FOUND,
                     "no READY came, but Jackpot has a signed link: finishing it as READY",
                     state=State.READY,
+                    at_ms=found_ms,
                 )
                 report.count("finished as READY")
                 continue

@@ -20,7 +20,9 @@ INSERT INTO vouchers AS v (
     last_change)
 SELECT u.voucher_id, u.coupon_id, u.location_id, u.request_id, u.amount_cents,
        u.jackpot_value, u.jackpot_price, u.jackpot_state, coalesce(u.state, 'seen'),
-       u.state_at, coalesce(u.state_rank, 0), u.validity_date, u.resa_expire_date,
+       -- Steps that set no state come as 'seen' at -infinity: they never replace one.
+       coalesce(u.state_at, '-infinity'), coalesce(u.state_rank, 0), u.validity_date,
+       u.resa_expire_date,
        u.pdf_path, u.pdf_bytes, u.doshii_status, u.notification, u.first_seen,
        u.last_change
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::numeric[],
@@ -47,14 +49,11 @@ ON CONFLICT (voucher_id) DO UPDATE SET
     notification = coalesce(excluded.notification, v.notification),
     first_seen = least(excluded.first_seen, v.first_seen),
     last_change = greatest(excluded.last_change, v.last_change),
-    state = CASE WHEN excluded.state_rank IS NOT NULL
-                  AND (excluded.state_at, excluded.state_rank) >= (v.state_at, v.state_rank)
+    state = CASE WHEN (excluded.state_at, excluded.state_rank) >= (v.state_at, v.state_rank)
                  THEN excluded.state ELSE v.state END,
-    state_rank = CASE WHEN excluded.state_rank IS NOT NULL
-                  AND (excluded.state_at, excluded.state_rank) >= (v.state_at, v.state_rank)
+    state_rank = CASE WHEN (excluded.state_at, excluded.state_rank) >= (v.state_at, v.state_rank)
                  THEN excluded.state_rank ELSE v.state_rank END,
-    state_at = CASE WHEN excluded.state_rank IS NOT NULL
-                  AND (excluded.state_at, excluded.state_rank) >= (v.state_at, v.state_rank)
+    state_at = CASE WHEN (excluded.state_at, excluded.state_rank) >= (v.state_at, v.state_rank)
                  THEN excluded.state_at ELSE v.state_at END;
 
 -- name: find_vouchers

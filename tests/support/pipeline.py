@@ -14,11 +14,13 @@ from aiohttp import web
 from ingress.app import NOTIFICATION_PATH, create_app
 from sandbox.server import Sandboxes, start_sandboxes
 from shared.keys import KeyRing
+from shared.ledger import Ledger
 from shared.models import KeyClaims
 from shared.service import start_site
 from shared.settings import Settings
 from shared.topology import Names, Stage
 from workers.deps import open_deps
+from workers.ledger import LedgerWriter
 from workers.main import handlers
 from workers.runner import Runner, until_quiet
 
@@ -67,6 +69,7 @@ class Pipeline:
         names = Names(self.settings.namespace)
         queues = [names.queue(s) for s in Stage]
         queues += [names.tier_queue(t) for t in self.settings.retry_tiers_s]
+        queues.append(names.ledger)
 
         runner = self.runner
         busy = (lambda: runner.in_flight > 0) if runner is not None else (lambda: False)
@@ -79,9 +82,13 @@ async def running_pipeline(
     *,
     workers: bool = True,
     extra_pdf_hosts: Sequence[str] = (),
+    ledger: Ledger | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Pipeline]:
-    """Start the sandboxes, the ingress and (unless told not to) every worker in this process."""
+    """Start the sandboxes, the ingress and (unless told not to) every worker in this process.
+
+    With `ledger`, the ledger worker runs too and writes every step there.
+    """
     async with await start_sandboxes() as sandboxes:
         partners = sandboxes.settings_overrides()
         partners["pdf_hosts"] = ",".join([partners["pdf_hosts"], *extra_pdf_hosts])
@@ -95,7 +102,8 @@ async def running_pipeline(
                 yield Pipeline(settings, sandboxes, f"http://127.0.0.1:{port}", None)
                 return
             async with open_deps(settings) as deps:
-                runner = Runner(settings, handlers(deps, list(Stage)))
+                writers = [LedgerWriter(settings, ledger)] if ledger is not None else []
+                runner = Runner(settings, handlers(deps, list(Stage)), consumers=writers)
                 task = asyncio.create_task(runner.run(stop))
                 await asyncio.wait_for(runner.connected.wait(), 15)
                 try:
