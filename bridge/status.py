@@ -88,11 +88,12 @@ def timeline(row: Row, journey: Sequence[Row], stuck_after_s: float, now: dateti
     lines.append("  journey:")
     for step in journey:
         attempt = f" (attempt {step['attempt'] + 1})" if step["attempt"] else ""
-        detail = f": {step['detail']}" if step["detail"] else ""
-        lines.append(
-            f"    {step['at']:%H:%M:%S.%f}"[:-3]
-            + f"  {step['stage']:<12} {step['outcome']}{attempt}{detail}"
-        )
+        said = step["outcome"] + attempt
+        if step["detail"]:
+            # A detail that starts with the outcome says it already ("PDF stored: path").
+            detail = step["detail"]
+            said = detail if detail.startswith(step["outcome"]) else f"{said}: {detail}"
+        lines.append(f"    {step['at']:%H:%M:%S.%f}"[:-3] + f"  {step['stage']:<12} {said}")
     todo = advice(row, stuck_after_s, now)
     if todo:
         lines.append(f"  to do: {todo}")

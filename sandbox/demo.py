@@ -46,6 +46,7 @@ from sandbox.story import CASES, Row, Ticket, Timing, expected, play_story
 from shared import topology
 from shared.broker import connection_name
 from shared.errors import SettingsError
+from shared.ledger import Ledger, create_pool
 from shared.settings import ENV_PREFIX, Settings, load_settings
 from workers import dlq
 
@@ -190,6 +191,8 @@ def bridge_values(plan: Plan, sandboxes: Sandboxes) -> dict[str, str]:
         "drain_timeout_s": str(DRAIN_TIMEOUT_S),
         "log_json": "true",
         "log_level": "info",
+        # The run's ledger: a schema of its own in BRIDGE_DATABASE_URL's database.
+        "database_schema": plan.namespace.replace("-", "_").lower(),
     }
 
 
@@ -436,10 +439,80 @@ async def exercise(plan: Plan, settings: Settings, sandboxes: Sandboxes, keep: b
     print_rows(outcome.rows)
     problems = outcome.problems
     problems += await dead_letters(settings)
+    problems += await show_status(plan, settings, sandboxes, outcome.rows)
     await print_where_to_look(plan, settings, keep)
     if keep:
         await hold_until_interrupted()
     return problems
+
+
+# How long the ledger may take to write the last steps down after the table is complete.
+LEDGER_SETTLE_S = 15.0
+
+
+def status_command(plan: Plan, ident: str) -> str:
+    python = shown(Path(sys.executable))
+    return f"(set -a; . {shown(plan.env_path)}; {python} -m bridge status {ident})"
+
+
+async def show_status(
+    plan: Plan, settings: Settings, sandboxes: Sandboxes, rows: Sequence[Row]
+) -> list[str]:
+    """`bridge status` for the first activated voucher, once the ledger has its activation."""
+    activated = [row.ticket for row in rows if row.status == "activated"]
+    if not activated:
+        return []
+    ticket = activated[0]
+    async with Ledger.open(settings, max_size=1) as ledger:
+        deadline = time.monotonic() + LEDGER_SETTLE_S
+        while True:
+            found = await ledger.find(ticket.coupon_id)
+            if found and found[0]["state"] == "activated":
+                break
+            if time.monotonic() > deadline:
+                return [
+                    f"the ledger did not show {ticket.coupon_id} activated within "
+                    f"{LEDGER_SETTLE_S:.0f} s"
+                ]
+            await asyncio.sleep(0.2)
+    env = {**os.environ, **as_env(bridge_values(plan, sandboxes))}
+    shown_status = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "status",
+        ticket.coupon_id,
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output, _ = await shown_status.communicate()
+    say()
+    say(f"Where is coupon {ticket.coupon_id}? `bridge status` reads the ledger:")
+    say(f"  $ {status_command(plan, ticket.coupon_id)}")
+    for line in output.decode(errors="replace").splitlines():
+        say(f"  {line}")
+    if shown_status.returncode != 0:
+        return [f"`bridge status {ticket.coupon_id}` exited with {shown_status.returncode}"]
+    return []
+
+
+async def upgrade_ledger(settings: Settings) -> None:
+    """`bridge db upgrade` for the run's own schema: the one step before first start."""
+    pool = await create_pool(settings, max_size=1)
+    try:
+        await Ledger(pool).upgrade(settings.database_schema)
+    finally:
+        await pool.close()
+
+
+async def drop_ledger(settings: Settings) -> None:
+    pool = await create_pool(settings, max_size=1)
+    try:
+        await pool.execute(f'DROP SCHEMA IF EXISTS "{settings.database_schema}" CASCADE')
+    finally:
+        await pool.close()
 
 
 async def delete_namespace(settings: Settings) -> None:
@@ -474,9 +547,12 @@ async def clean_up(bridge: Bridge, settings: Settings) -> list[str]:
         async with asyncio.timeout(CLEANUP_TIMEOUT_S):
             await delete_namespace(settings)
         say(f"cleanup: namespace {settings.namespace} deleted from the broker")
-    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as error:
+        await drop_ledger(settings)
+        say(f"cleanup: ledger schema {settings.database_schema} dropped")
+    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError, SettingsError) as error:
         problem = (
-            f"could not delete namespace {settings.namespace} ({type(error).__name__}: "
+            f"could not delete namespace {settings.namespace} or its ledger schema "
+            f"({type(error).__name__}: "
             f"{error}); delete its {settings.namespace}.* queues and exchanges by hand"
         )
         say(f"cleanup: {problem}")
@@ -525,6 +601,8 @@ async def with_bridge(
 ) -> list[str]:
     """Start `bridge run`, exercise it, then stop it and delete its namespace, whatever happens."""
     settings = load_settings(**values)
+    await upgrade_ledger(settings)
+    note(f"ledger schema {settings.database_schema} upgraded (`bridge db upgrade`)")
     bridge = await start_bridge(plan, values)
     problems: list[str] = []
     try:
