@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +20,8 @@ from shared.journal import State
 from shared.ledger import LATEST_VERSION, Ledger, create_pool
 from shared.settings import Settings
 from shared.topology import Names
+from tests.chaos.ledger import check, reckon, record
+from tests.support.journeys import HAPPY, outcomes, wait_state
 from tests.support.pipeline import Pipeline, Voucher, running_pipeline, settings_env
 from tests.support.tcpproxy import TcpProxy
 from workers import dlq
@@ -28,40 +31,10 @@ from workers.sweeper import Sweeper
 pytestmark = pytest.mark.timeout(180)
 
 
-async def wait_state(
-    ledger: Ledger, voucher_id: str, *states: State, timeout_s: float = 30
-) -> dict[str, Any]:
-    """The voucher's row once its state is one of `states`."""
-
-    async def poll() -> dict[str, Any]:
-        while True:
-            rows = await ledger.find(voucher_id)
-            if rows and rows[0]["state"] in states:
-                return dict(rows[0])
-            await asyncio.sleep(0.05)
-
-    return await asyncio.wait_for(poll(), timeout_s)
-
-
-async def outcomes(ledger: Ledger, voucher: Voucher) -> list[tuple[str, str]]:
-    rows = await ledger.find(voucher.voucher_id)
-    journey = await ledger.journey(rows[0]["voucher_id"])
-    return [(step["stage"], step["outcome"]) for step in journey]
-
-
 async def finished(pipeline: Pipeline, channel: AbstractChannel, *vouchers: Voucher) -> None:
     for voucher in vouchers:
         await pipeline.doshii_status(voucher, "activated", "cancelled")
     await pipeline.settled(channel)
-
-
-HAPPY = [
-    ("ingress", "received"),
-    ("reservations", "confirmed"),
-    ("ingress", "received"),
-    ("pdfs", "PDF stored"),
-    ("doshii", "activated"),
-]
 
 
 async def test_each_case_leaves_the_journey_it_should(
@@ -196,11 +169,24 @@ async def test_postgres_away_for_20_s_loses_no_activation_and_no_step(
             assert await ledger.find(vouchers[0].voucher_id) == []
             await asyncio.sleep(max(0.0, 20 - (asyncio.get_running_loop().time() - cut_at)))
             await proxy.restore()
+            restored = time.monotonic()
             for voucher in vouchers:
                 await wait_state(ledger, voucher.voucher_id, State.ACTIVATED, timeout_s=60)
+            caught_up_s = time.monotonic() - restored
             await pipeline.settled(channel)
-    for voucher in vouchers:
-        assert await outcomes(ledger, voucher) == HAPPY
+            letters = await dlq.list_dead(pipeline.settings)
+    complete = [v for v in vouchers if await outcomes(ledger, v) == HAPPY]
+    scenario = "L1. PostgreSQL cut 20 s, 60 vouchers"
+    cut = reckon(scenario, vouchers, pipeline.sandboxes, letters, caught_up_s)
+    record(
+        cut,
+        extra_notes=[
+            f"ledger complete for {len(complete)} of {len(vouchers)}, "
+            f"{caught_up_s:.1f} s after PostgreSQL came back"
+        ],
+    )
+    check(cut)
+    assert len(complete) == len(vouchers)
 
 
 def sweep_settings(make_settings: Callable[..., Settings], **extra: Any) -> dict[str, Any]:
@@ -225,6 +211,7 @@ async def test_sweeper_finishes_a_voucher_whose_ready_never_came(
         # Jackpot made the first one READY but its notification was lost; the second never is.
         jackpot.set_state(lost.voucher_id, "READY")
         jackpot.pdf_not_ready.add(never.voucher_id)
+        began = time.monotonic()
         async with open_deps(pipeline.settings) as deps:
             sweeper = Sweeper(pipeline.settings, ledger, deps)
             stop = asyncio.Event()
@@ -256,6 +243,23 @@ async def test_sweeper_finishes_a_voucher_whose_ready_never_came(
         assert await pipeline.doshii_status(never, "activated", "cancelled") == "activated"
         await wait_state(ledger, never.voucher_id, State.ACTIVATED)
         assert ("dlq", "replayed") in await outcomes(ledger, never)
+        await pipeline.settled(channel)
+        letters = await dlq.list_dead(pipeline.settings)
+        swept = reckon(
+            "L2. READY lost / never READY: sweeper, then replay",
+            [lost, never],
+            pipeline.sandboxes,
+            letters,
+            time.monotonic() - began,
+        )
+        record(
+            swept,
+            extra_notes=[
+                "one finished as READY by the sweeper; one dead-lettered "
+                "after the give-up time, replayed once Jackpot had its PDF"
+            ],
+        )
+        check(swept)
 
 
 async def test_two_sweepers_act_once(
@@ -275,6 +279,7 @@ async def test_two_sweepers_act_once(
             await wait_state(ledger, voucher.voucher_id, State.CONFIRMED)
             jackpot.set_state(voucher.voucher_id, "READY")
         await asyncio.sleep(0.6)  # past BRIDGE_SWEEP_READY_AFTER_S
+        began = time.monotonic()
         async with open_deps(pipeline.settings) as deps:
             first = Sweeper(pipeline.settings, ledger, deps)
             second = Sweeper(pipeline.settings, ledger, deps)
@@ -284,6 +289,16 @@ async def test_two_sweepers_act_once(
         await pipeline.settled(channel)
         assert sum(r.outcomes.get("finished as READY", 0) for r in reports) == 5
         assert [r.acted for r in reports].count(True) >= 1
+        letters = await dlq.list_dead(pipeline.settings)
+        twice = reckon(
+            "L3. two sweepers, 5 vouchers without READY",
+            vouchers,
+            pipeline.sandboxes,
+            letters,
+            time.monotonic() - began,
+        )
+        record(twice, extra_notes=[f"sweeps that acted: {[r.acted for r in reports]}"])
+        check(twice)
         for voucher in vouchers:
             steps = await outcomes(ledger, voucher)
             assert steps.count(("sweeper", "link found")) == 1

@@ -13,8 +13,11 @@ from pathlib import Path
 from aio_pika.abc import AbstractChannel
 
 from sandbox.faults import Fault
+from shared.journal import State
+from shared.ledger import Ledger
 from shared.settings import Settings
 from shared.topology import Names
+from tests.support.journeys import HAPPY, wait_state
 from tests.support.pipeline import (
     Pipeline,
     Voucher,
@@ -210,7 +213,7 @@ async def test_pdf_link_off_the_allowlist_is_dead_lettered_and_never_fetched(
 
 
 async def test_worker_killed_mid_message_is_redelivered_and_completed(
-    make_settings: Callable[..., Settings], broker: Names, channel: AbstractChannel
+    make_settings: Callable[..., Settings], broker: Names, channel: AbstractChannel, ledger: Ledger
 ) -> None:
     async with running_pipeline(make_settings, workers=False) as pipeline:
         settings = pipeline.settings
@@ -237,6 +240,11 @@ async def test_worker_killed_mid_message_is_redelivered_and_completed(
         try:
             assert await pipeline.doshii_status(voucher, "activated", "cancelled") == "activated"
             assert_activated(pipeline, voucher)
+            # The ledger has the voucher once, and each step once, redelivery or not.
+            row = await wait_state(ledger, voucher.voucher_id, State.ACTIVATED)
+            assert len(await ledger.find(voucher.voucher_id)) == 1
+            journey = await ledger.journey(row["voucher_id"])
+            assert [(s["stage"], s["outcome"]) for s in journey] == HAPPY
         finally:
             second.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(second.wait(), 20) == 0
