@@ -49,7 +49,7 @@ from sandbox.story import (
 from shared.models import value_to_cents
 from shared.settings import ENV_PREFIX, Settings
 from shared.topology import Names
-from tests.conftest import AMQP_URL, TEST_SECRETS, TEST_TIERS_S
+from tests.conftest import AMQP_URL, DATABASE_URL, TEST_SECRETS, TEST_TIERS_S, schema_of
 from tests.test_deploy import REQUIRED_FOR_TESTS, _image_env, _resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,8 @@ def bridge_env(namespace: str, tmp_path: Path, ports: Ports) -> dict[str, str]:
         "drain_timeout_s": "5",
         "log_json": "true",
         "log_level": "info",
+        "database_url": DATABASE_URL,
+        "database_schema": schema_of(namespace),
     }
     inherited = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
     return {**inherited, **as_env(values)}

@@ -134,6 +134,7 @@ def renewed_step(message: Incoming, voucher: Voucher, why: str) -> journal.Step:
         "pdfs",
         journal.Outcome.LINK_RENEWED,
         attempt=message.attempt,
+        at_ms=message.started_ms or None,  # with the stage's own step, just before it
         detail=why,
     )
 

@@ -67,6 +67,9 @@ class Incoming:
     correlation_id: str | None
     stage: Stage
     attempt: int  # delay tiers already waited out
+    # When the stage took the message: its step's time, so steps keep their causal order
+    # (a stage starts after the step that fed it, even when it finishes after the next).
+    started_ms: int = 0
     # Journey steps the handler learnt on the way (the notification received, a link
     # renewed); recorded with the stage's own step, whatever the outcome.
     steps: list[Step] = field(default_factory=list)
@@ -238,6 +241,7 @@ class StageRunner:
             correlation_id=message.correlation_id,
             stage=self.stage,
             attempt=envelope.attempt_of(headers),
+            started_ms=journal.now_ms(),
         )
         context = {
             "stage": str(self.stage),
@@ -373,6 +377,7 @@ class StageRunner:
             message_id,
             str(self.stage),
             attempt=incoming.attempt,
+            at_ms=incoming.started_ms or None,
             detail=detail or None,
             **own,
         )

@@ -228,8 +228,9 @@ class Sweeper:
             confirmed_for = datetime.now(UTC) - row["state_at"]
             if confirmed_for.total_seconds() >= self.settings.sweep_give_up_s:
                 reason = give_up_reason(row, confirmed_for.total_seconds() / 3600)
+                at_ms = journal.now_ms()
                 await self._dead_letter(channel, row, notification, reason, Stage.PDFS)
-                await self._record(row, Step.DEAD_LETTERED, reason, state=State.DEAD)
+                await self._record(row, Step.DEAD_LETTERED, reason, state=State.DEAD, at_ms=at_ms)
                 report.count("gave up")
                 continue
             checks = row["checks"] + 1
@@ -261,8 +262,10 @@ class Sweeper:
                 reference=row["coupon_id"],
                 cancelled_reason=reason,
             )
-            await self._publish(channel, doshii_message(self.names, update, journal.now_ms()))
-            await self._record(row, Step.EXPIRED, reason, state=State.EXPIRED)
+            # The step's time is before the effect's: the doshii stage's step comes after it.
+            at_ms = journal.now_ms()
+            await self._publish(channel, doshii_message(self.names, update, at_ms))
+            await self._record(row, Step.EXPIRED, reason, state=State.EXPIRED, at_ms=at_ms)
             report.count("expired")
 
     async def _cancelled_after_payment(self, channel: AbstractChannel, report: SweepReport) -> None:
@@ -287,8 +290,11 @@ class Sweeper:
                 continue
             reason = refund_reason(row)
             notification = dict(row["notification"] or {})
+            at_ms = journal.now_ms()
             await self._dead_letter(channel, row, notification, reason, None)
-            await self._record(row, Step.REFUND_NEEDED, reason, state=State.REFUND_NEEDED)
+            await self._record(
+                row, Step.REFUND_NEEDED, reason, state=State.REFUND_NEEDED, at_ms=at_ms
+            )
             log.warning("refund_needed", voucher_id=str(row["voucher_id"]), reason=reason)
             report.count("refund needed")
         if fine:

@@ -69,9 +69,9 @@ class Pipeline:
         names = Names(self.settings.namespace)
         queues = [names.queue(s) for s in Stage]
         queues += [names.tier_queue(t) for t in self.settings.retry_tiers_s]
-        queues.append(names.ledger)
-
         runner = self.runner
+        if runner is not None and any(s.queue == names.ledger for s in runner.stages):
+            queues.append(names.ledger)  # the ledger writer runs: its steps are written too
         busy = (lambda: runner.in_flight > 0) if runner is not None else (lambda: False)
         await asyncio.wait_for(until_quiet(channel, queues, busy), timeout_s)
 
