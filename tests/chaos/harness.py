@@ -292,7 +292,8 @@ class Bridge:
         return int(answer[1].get("in_flight", 0))
 
     def spool_depth(self) -> int:
-        return len(list(Path(self.settings.spool_dir).glob(f"*{SUFFIX}")))
+        """Notifications spooled under the root, in any ingress's folder."""
+        return len(list(Path(self.settings.spool_dir).rglob(f"*{SUFFIX}")))
 
     async def depth(self, queue: str) -> int:
         declared = await self.channel.declare_queue(queue, passive=True)
