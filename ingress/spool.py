@@ -377,8 +377,11 @@ class Spool:
                 log.warning("spool_drain_paused", error=str(error), depth=self.depth)
                 await asyncio.sleep(DRAIN_RETRY_S)
                 continue
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # comes as the event is set, and stop() would then wait for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(adopt_at - time.monotonic(), 0.0))
+                async with asyncio.timeout(max(adopt_at - time.monotonic(), 0.0)):
+                    await self._wake.wait()
 
     async def drain(self, publisher: Publisher) -> int:
         """Publish every spooled notification in order, deleting each after its confirm."""
