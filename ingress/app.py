@@ -335,7 +335,11 @@ def create_app(
         keys=KeyRing(settings.key_secrets),
         publisher=publisher,
         spool=(
-            Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)
+            Spool(
+                settings.spool_dir,
+                max_bytes=settings.spool_max_bytes,
+                adopt_interval_s=settings.spool_adopt_interval_s,
+            )
             if spool and settings.spool_max_bytes
             else None
         ),

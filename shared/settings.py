@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     # Spool used while the broker cannot take notifications
     spool_dir: Path = Path("var/spool")
     spool_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    # How often an ingress looks for spool folders whose process is gone, to drain them itself.
+    spool_adopt_interval_s: float = Field(10.0, gt=0, le=3600)
 
     # Partners
     jackpot_api_url: str = "https://api.jackpot-io.com"

@@ -53,8 +53,9 @@ async def queued_ids(channel: AbstractChannel, queue: str) -> list[str]:
     return ids
 
 
-def spooled(folder: Path) -> list[Path]:
-    return sorted(folder.glob(f"*{SUFFIX}"))
+def spooled(root: Path) -> list[Path]:
+    """Every spooled notification under the spool root, whichever process's folder holds it."""
+    return sorted(root.rglob(f"*{SUFFIX}"))
 
 
 async def test_outage_is_spooled_with_200_then_drained_in_order(
@@ -155,21 +156,23 @@ async def test_a_restart_drains_what_the_last_run_left(
     assert await queued_ids(channel, broker.queue(Stage.RESERVATIONS)) == [b["id"] for b in bodies]
 
 
-async def test_two_processes_cannot_share_a_spool_folder(
+async def test_two_ingresses_on_one_root_each_spool_in_a_folder_of_their_own(
     aiohttp_client: AiohttpClient,
     make_settings: Callable[..., Settings],
     broker: Names,
 ) -> None:
-    settings = make_settings()
-    first = await aiohttp_client(create_app(settings))
-    await until(lambda: _is(first, "ready"))
-    second = await aiohttp_client(create_app(settings))
-    await until(lambda: _is(second, "ready"))
-    # The second one runs, but without a spool of its own it cannot spool.
-    app = second.app
-    assert app is not None
-    from ingress.app import INGRESS
-
-    spool = app[INGRESS].spool
-    assert spool is not None
-    assert not spool.writable
+    async with TcpProxy(TARGET.hostname or "127.0.0.1", TARGET.port or 5672) as proxy:
+        settings = make_settings(amqp_url=proxy.amqp_url())
+        first = await aiohttp_client(create_app(settings))
+        second = await aiohttp_client(create_app(settings))
+        await until(lambda: _is(first, "ready"))
+        await until(lambda: _is(second, "ready"))
+        await proxy.cut()
+        for client in (first, second):
+            response = await post(client, voucher())
+            assert (await response.json())["status"] == "spooled"
+        folders = {path.parent for path in spooled(settings.spool_dir)}
+        assert len(folders) == 2
+        assert all(folder.parent == settings.spool_dir for folder in folders)
+        await proxy.restore()
+        await until(lambda: _no_files(settings.spool_dir))

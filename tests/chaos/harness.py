@@ -22,7 +22,7 @@ from typing import IO, Any
 import aiohttp
 from aio_pika.abc import AbstractChannel
 
-from ingress.spool import SUFFIX
+from ingress.spool import SUFFIX, is_owned_folder
 from sandbox.server import Sandboxes
 from shared.settings import Settings
 from shared.topology import Names, Stage
@@ -241,12 +241,17 @@ class Bridge:
         except TimeoutError as error:
             raise AssertionError(f"{proc.name} did not start:\n{proc.tail()}") from error
 
-    async def start_ingress(self, *, statuses: Sequence[str] = ("ready",)) -> Proc:
-        """`bridge ingress` on the settings' port; returns once /readyz says one of `statuses`."""
-        proc = await self._spawn("ingress", ["ingress"], self.env)
-        await self._started(
-            proc, f"{self.ingress_url}/readyz", lambda _, body: body.get("status") in statuses
-        )
+    async def start_ingress(
+        self, *, statuses: Sequence[str] = ("ready",), http_port: int | None = None
+    ) -> Proc:
+        """`bridge ingress` on the settings' port (or `http_port`: a second replica); returns
+        once /readyz says one of `statuses`."""
+        env, url = self.env, self.ingress_url
+        if http_port is not None:
+            env = {**self.env, "BRIDGE_HTTP_PORT": str(http_port)}
+            url = f"http://127.0.0.1:{http_port}"
+        proc = await self._spawn("ingress", ["ingress"], env)
+        await self._started(proc, f"{url}/readyz", lambda _, body: body.get("status") in statuses)
         return proc
 
     async def start_worker(self, *, amqp_url: str | None = None) -> Proc:
@@ -291,8 +296,20 @@ class Bridge:
             return None
         return int(answer[1].get("in_flight", 0))
 
+    def spool_folders(self) -> dict[str, int]:
+        """Each ingress's spool folder under the root, with the notifications in it."""
+        root = Path(self.settings.spool_dir)
+        if not root.is_dir():
+            return {}
+        return {
+            folder.name: len(list(folder.glob(f"*{SUFFIX}")))
+            for folder in sorted(root.iterdir())
+            if folder.is_dir() and is_owned_folder(folder.name)
+        }
+
     def spool_depth(self) -> int:
-        return len(list(Path(self.settings.spool_dir).glob(f"*{SUFFIX}")))
+        """Notifications spooled under the root, in any ingress's folder."""
+        return len(list(Path(self.settings.spool_dir).rglob(f"*{SUFFIX}")))
 
     async def depth(self, queue: str) -> int:
         declared = await self.channel.declare_queue(queue, passive=True)

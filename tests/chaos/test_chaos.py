@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
@@ -28,19 +29,21 @@ from sandbox.faults import Fault
 from sandbox.jackpot import DeliverOutcome, JackpotSandbox
 from sandbox.server import Sandboxes, start_sandboxes
 from shared.settings import Settings
-from shared.topology import Names
+from shared.topology import Names, Stage
 from tests.chaos.harness import (
     TIERS_S,
     Bridge,
     Finish,
     Senders,
+    free_port,
     open_bridge,
     wait_until,
     wait_until_async,
 )
 from tests.chaos.ledger import Ledger, check, reckon, record
 from tests.conftest import AMQP_URL
-from tests.support.pipeline import Voucher
+from tests.support.balancer import Balancer
+from tests.support.pipeline import Pipeline, Voucher
 from tests.support.tcpproxy import TcpProxy
 from workers.runner import QUICK_RETRY_BUDGET_S
 
@@ -282,8 +285,8 @@ async def test_worker_sigkilled_mid_batch_then_restarted(kit: Kit, sandboxes: Sa
 
 async def test_ingress_sigkilled_while_spooling(kit: Kit, sandboxes: Sandboxes) -> None:
     """The broker is cut, so the ingress spools; it is SIGKILLed with notifications arriving.
-    A new ingress on the same port and spool folder, broker back, drains what was left, and
-    Jackpot's retries of what the dead one never answered land on it."""
+    A new ingress on the same port and spool root, broker back, adopts the dead one's folder and
+    drains what was left, and Jackpot's retries of what the dead one never answered land on it."""
     scenario = "3. ingress SIGKILLed while spooling"
     jackpot = sandboxes.jackpot
     async with (
@@ -530,3 +533,103 @@ async def test_duplicate_and_out_of_order_notifications(kit: Kit, sandboxes: San
         record_ = requests[voucher.request_id]
         assert record_["reference"] == voucher.coupon_id
         assert record_["amount"] == "11000"
+
+
+# Scenario 7: how often the survivor looks for a dead replica's spool folder (default 10 s).
+ADOPT_INTERVAL_S = 1.0
+
+
+@pytest.mark.timeout(240)
+async def test_two_ingresses_one_sigkilled_while_both_spool(kit: Kit, sandboxes: Sandboxes) -> None:
+    """Two ingress replicas on one spool root behind a round-robin balancer; the broker is cut,
+    so both spool; one is SIGKILLed; the broker comes back. The survivor adopts the dead one's
+    folder and delivers everything: each notification once in the queue (looked at before any
+    worker runs), then the pipeline completes every voucher."""
+    scenario = "7. 2 ingresses, 1 SIGKILLed while spooling"
+    jackpot = sandboxes.jackpot
+    async with (
+        TcpProxy(BROKER_HOST, BROKER_PORT) as proxy,
+        kit.bridge(
+            sandboxes, amqp_url=proxy.amqp_url(), spool_adopt_interval_s=ADOPT_INTERVAL_S
+        ) as bridge,
+    ):
+        victim_port = free_port()
+        await bridge.start_ingress()
+        victim = await bridge.start_ingress(http_port=victim_port)
+        survivor_url = bridge.ingress_url
+        victim_url = f"http://127.0.0.1:{victim_port}"
+        balancer = Balancer([survivor_url, victim_url])
+        async with balancer as balanced:
+            pipeline = Pipeline(bridge.settings, sandboxes, balanced, None)
+            await proxy.cut()
+            for url in (survivor_url, victim_url):
+                await wait_until_async(
+                    functools.partial(_status_at, bridge, url, "degraded"), 20, f"{url} to spool"
+                )
+            vouchers = [pipeline.new_voucher() for _ in range(30)]
+            senders = Senders()
+            load = asyncio.create_task(senders.paced(deliveries(jackpot, vouchers), every_s=0.05))
+            try:
+                # Every RESERVED answered before the kill: none is half-sent to the victim, so
+                # each must reach the queue exactly once.
+                await wait_until(
+                    lambda: accepted(sandboxes, vouchers) == len(vouchers), 60, "all spooled"
+                )
+                spooled = bridge.spool_folders()
+                code = await victim.kill()
+                await proxy.restore()
+                cleared = time.monotonic()
+                await wait_until(
+                    lambda: bridge.spool_depth() == 0 and len(bridge.spool_folders()) == 1,
+                    30,
+                    "the survivor to drain both folders and remove the dead one's",
+                )
+                in_queue = await peek_ids(bridge.names.queue(Stage.RESERVATIONS))
+                await bridge.start_worker(amqp_url=AMQP_URL)
+                await asyncio.wait_for(load, SEND_TIMEOUT_S)
+                outcomes = await senders.wait(SEND_TIMEOUT_S)
+                ledger, finish = await conclude(
+                    bridge,
+                    scenario,
+                    vouchers,
+                    cleared,
+                    notes=[
+                        "spooled per replica when one was killed: "
+                        + ", ".join(f"{n}" for n in spooled.values()),
+                        f"{len(in_queue)} RESERVED in the queue after the survivor's drain "
+                        f"({len(set(in_queue))} distinct)",
+                        f"the balancer found the dead replica refusing "
+                        f"{balancer.skipped[victim_url]} times and sent those to the survivor",
+                    ],
+                )
+            finally:
+                load.cancel()
+                await senders.cancel()
+    check(ledger)
+    check_finish(finish)
+    delivered_fully(outcomes)
+    assert code == -signal.SIGKILL
+    assert len(spooled) == 2, f"expected two spool folders, found {spooled}"
+    assert all(n > 0 for n in spooled.values()), f"a replica spooled nothing: {spooled}"
+    assert sorted(in_queue) == sorted(f"{v.voucher_id}:RESERVED" for v in vouchers), in_queue
+    assert ledger.activated == len(vouchers)
+
+
+async def _status_at(bridge: Bridge, url: str, status: str) -> bool:
+    answer = await bridge.get_json(f"{url}/readyz")
+    return answer is not None and answer[1].get("status") == status
+
+
+async def peek_ids(queue: str) -> list[str]:
+    """The message ids waiting in `queue`, left in it (taken unacked, returned on close)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        declared = await channel.get_queue(queue, ensure=False)
+        found = []
+        while (message := await declared.get(no_ack=False, fail=False)) is not None:
+            found.append(str(message.message_id))
+        await channel.close()  # every unacked message goes back, in order
+    finally:
+        await connection.close()
+    return found
