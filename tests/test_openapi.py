@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 import uuid
 from collections.abc import Iterator
@@ -13,8 +14,10 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis import checks
 
 from ingress.app import NOTIFICATION_PATH, create_app
+from ingress.doshii import DOSHII_WEBHOOK_PATH
 from ingress.openapi import openapi_document
 from shared import topology
 from shared.broker import declare_topology
@@ -25,6 +28,8 @@ from tests.support.vouchers import key
 
 schema = schemathesis.openapi.from_dict(openapi_document())
 EXAMPLES = 60
+WEBHOOK_AUTH = "doshii-key:doshii-webhook-token-0123456789"
+BASIC = "Basic " + base64.b64encode(WEBHOOK_AUTH.encode()).decode()
 
 
 @dataclass
@@ -43,6 +48,7 @@ def _settings(folder: Path) -> Settings:
         doshii_client_id="c",
         doshii_client_secret="s",
         spool_dir=folder / "spool",
+        doshii_webhook_auth=WEBHOOK_AUTH,
         retry_tiers_s=",".join(map(str, TEST_TIERS_S)),
     )
 
@@ -102,3 +108,23 @@ def test_signed_notifications_get_a_documented_answer(
     case.query = {**(case.query or {}), "notificationKey": key()}
     response = case.call_and_validate(base_url=live_ingress.base_url)
     assert response.status_code != 403, "a valid key was refused"
+
+
+@schema.include(path=DOSHII_WEBHOOK_PATH).parametrize()
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_authenticated_doshii_webhooks_get_a_documented_answer(
+    case: schemathesis.Case[Any], live_ingress: LiveIngress
+) -> None:
+    # With the registered credentials the generated bodies reach validation and publishing.
+    # The two checks that resend without credentials are the unauthenticated test's job: here
+    # they would resend these very credentials.
+    case.headers = {**(case.headers or {}), "Authorization": BASIC}
+    response = case.call_and_validate(
+        base_url=live_ingress.base_url,
+        excluded_checks=[checks.ignored_auth, checks.missing_required_header],
+    )
+    assert response.status_code != 401, "the registered credentials were refused"
