@@ -122,7 +122,10 @@ def test_authenticated_doshii_webhooks_get_a_documented_answer(
     # With the registered credentials the generated bodies reach validation and publishing.
     # The two checks that resend without credentials are the unauthenticated test's job: here
     # they would resend these very credentials.
-    case.headers = {**(case.headers or {}), "Authorization": BASIC}
+    # Set on the case itself: given as call headers, schemathesis's own generated auth wins.
+    headers = dict(case.headers or {})
+    headers["Authorization"] = BASIC
+    case.headers = headers  # type: ignore[assignment]
     response = case.call_and_validate(
         base_url=live_ingress.base_url,
         excluded_checks=[checks.ignored_auth, checks.missing_required_header],
