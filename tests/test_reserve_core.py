@@ -271,3 +271,26 @@ def test_the_session_jwt_is_signed_with_the_api_signature() -> None:
         ).assertion(amount_cents=100, notification_key="k")
     assert refused.value.kind == RefusalKind.AMOUNT_NOT_ALLOWED
     assert refused.value.reason == "No voucher available for 1.00: amount not allowed"
+
+
+def test_the_new_settings_survive_the_trip_through_a_child_processs_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared.settings import load_settings
+    from tests.support.pipeline import settings_env
+
+    settings = make(
+        doshii_webhook_auth="k:token-0123456789abcdef,old:token-old-0123456789",
+        jackpot_offers="loc1=s1:o1,loc2=s2:o2",
+        jackpot_api_signature=SIGNATURE,
+        jackpot_reserve_by="price",
+        intake_deadline_s="30",
+    )
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    again = load_settings()
+    assert again.doshii_webhook_auth == settings.doshii_webhook_auth
+    assert again.jackpot_offers == settings.jackpot_offers
+    assert again.jackpot_api_signature == settings.jackpot_api_signature
+    assert again.jackpot_reserve_by == ReserveBy.PRICE
+    assert again.intake_deadline_s == 30
