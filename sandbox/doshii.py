@@ -51,8 +51,8 @@ CARD_ACTIVATE = "card_activate"
 # Doshii retries a webhook up to 10 times; it wants a 2xx within 10 s.
 WEBHOOK_RETRIES = 10
 WEBHOOK_ATTEMPT_TIMEOUT_S = 10.0
-# Doshii waits 1 min, then 3 min, ...; the sandbox keeps the growth, at a tenth of the scale's
-# seconds, so a demo sees its retries, and tests set their own.
+# Doshii waits 1 min, then 3 min, ...; the sandbox keeps that growth (x3) but starts at 1 s,
+# so a demo sees its retries within seconds; tests set their own.
 WEBHOOK_FIRST_BACKOFF_S = 1.0
 WEBHOOK_BACKOFF_FACTOR = 3.0
 WEBHOOK_MAX_BACKOFF_S = 30.0
