@@ -22,6 +22,7 @@ from sandbox.server import (
     DEFAULT_JACKPOT_CLIENT_ID,
     Sandboxes,
 )
+from sandbox.till import SALE_WAIT_S
 from shared import logs
 from shared.errors import SettingsError
 from shared.settings import Settings, load_settings
@@ -165,8 +166,9 @@ def _sandbox(args: argparse.Namespace) -> int:
     if args.story_repeat_s and not args.story:
         print("bridge sandbox: --story-repeat-s needs --story", file=sys.stderr)
         return 2
-    if not args.till and (args.till_sales != 1 or args.till_amount_cents != DEFAULT_TILL_CENTS):
-        print("bridge sandbox: --till-sales and --till-amount-cents need --till", file=sys.stderr)
+    till_options = (args.till_sales, args.till_amount_cents, args.till_wait_s)
+    if not args.till and till_options != (1, DEFAULT_TILL_CENTS, SALE_WAIT_S):
+        print("bridge sandbox: the --till-* options need --till", file=sys.stderr)
         return 2
     settings = _story_settings(args) if args.story else None
     till_auth = _till_auth(args)
@@ -187,6 +189,7 @@ def _sandbox(args: argparse.Namespace) -> int:
                     webhook_of(args.till, till_auth),
                     sales=args.till_sales,
                     amount_cents=args.till_amount_cents,
+                    wait_s=args.till_wait_s,
                 )
                 stories.append(asyncio.create_task(_without_result(till)))
 
@@ -345,6 +348,13 @@ def parser() -> argparse.ArgumentParser:
         type=_positive,
         default=DEFAULT_TILL_CENTS,
         help=f"with --till: each card's amount (default {DEFAULT_TILL_CENTS})",
+    )
+    sandbox.add_argument(
+        "--till-wait-s",
+        metavar="S",
+        type=_seconds,
+        default=SALE_WAIT_S,
+        help=f"with --till: how long each sale may take to end (default {SALE_WAIT_S:g})",
     )
     sandbox.set_defaults(func=_sandbox)
     return top

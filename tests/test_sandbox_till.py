@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,7 +40,7 @@ from shared.errors import TransientError
 from shared.intake import IntakeRequest
 from shared.partners import JackpotSessions, ReservationUnreadable, SessionEnded, SessionRefused
 from shared.reserve import JackpotRefusal, RefusalKind
-from shared.settings import ConfirmMode, JackpotOffer, ReserveBy, Settings
+from shared.settings import ENV_PREFIX, ConfirmMode, JackpotOffer, ReserveBy, Settings
 from shared.topology import Names, Stage
 from tests.support import sales
 from tests.support.served import RunnerTestServer
@@ -43,6 +49,7 @@ SIGNATURE = "jackpot-test-api-signature-0123456789"
 CLIENT_ID = "bridge-test-client"
 OFFER = JackpotOffer(DEFAULT_STORE_ID, DEFAULT_OFFER_ID)
 Client = TestClient[web.Request, web.Application]
+REPO_ROOT = Path(__file__).parents[1]
 
 
 class Receiver:
@@ -504,3 +511,55 @@ def test_the_till_needs_the_webhook_credentials(monkeypatch: pytest.MonkeyPatch)
         bridge_main(["sandbox", "--till", "http://127.0.0.1:9/notifications/doshii"])
     assert stopped.value.code == 2
     assert bridge_main(["sandbox", "--till-sales", "3"]) == 2
+
+
+async def test_bridge_sandbox_till_sells_against_an_ingress_and_logs_each_ending(
+    aiohttp_client: Callable[[RunnerTestServer], Awaitable[Client]],
+    make_settings: Callable[..., Settings],
+    broker: Names,
+    channel: AbstractChannel,
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(doshii_webhook_auth=sales.WEBHOOK_AUTH, spool_max_bytes=0)
+    ingress = await aiohttp_client(RunnerTestServer(create_app(settings)))
+    url = f"http://{ingress.host}:{ingress.port}{DOSHII_WEBHOOK_PATH}"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
+    env["BRIDGE_DOSHII_WEBHOOK_AUTH"] = sales.WEBHOOK_AUTH
+    log_path = tmp_path / "sandbox.log"
+    args = ["--jackpot-port", "0", "--doshii-port", "0", "--till", url, "--till-sales", "2"]
+    # No intake worker runs here: each sale stays pending, and says so once the wait is over.
+    args += ["--till-wait-s", "1"]
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge",
+            "sandbox",
+            *args,
+            env=env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    try:
+
+        def endings() -> list[dict[str, Any]]:
+            lines = log_path.read_text(errors="replace").splitlines()
+            events = [json.loads(line) for line in lines if line.startswith("{")]
+            return [event for event in events if event.get("event") == "till sale"]
+
+        async def two_endings() -> None:
+            # The child's log is only observable by reading its file: poll it, bounded below.
+            while len(endings()) < 2 and process.returncode is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(two_endings(), 30)
+        assert [(e["outcome"], e["webhook_status"]) for e in endings()] == [("pending", 200)] * 2
+        queue = await channel.declare_queue(broker.queue(Stage.INTAKE), passive=True)
+        assert queue.declaration_result.message_count == 2
+        assert sales.WEBHOOK_TOKEN not in log_path.read_text(errors="replace")
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
