@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
@@ -12,18 +13,24 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from pydantic import SecretStr
 
 from sandbox.server import (
     DEFAULT_DOSHII_CLIENT_ID,
     DEFAULT_DOSHII_CLIENT_SECRET,
     DEFAULT_JACKPOT_API_KEY,
+    DEFAULT_JACKPOT_API_SIGNATURE,
+    DEFAULT_JACKPOT_CLIENT_ID,
     Sandboxes,
 )
+from sandbox.till import SALE_WAIT_S
 from shared import logs
 from shared.errors import SettingsError
 from shared.journal import State
 from shared.settings import Settings, load_settings
 from workers.main import ROLES
+
+DEFAULT_TILL_CENTS = 2500
 
 
 def _settings() -> Settings:
@@ -181,16 +188,53 @@ def _story_settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(2) from error
 
 
+def _till_auth(args: argparse.Namespace) -> SecretStr | None:
+    """The `key:token` the till's webhook carries: the first of BRIDGE_DOSHII_WEBHOOK_AUTH."""
+    if not args.till:
+        return None
+    from shared.settings import parse_webhook_auth
+
+    try:
+        pairs = parse_webhook_auth(os.environ.get("BRIDGE_DOSHII_WEBHOOK_AUTH", ""))
+    except ValueError as error:
+        print(f"bridge sandbox --till: BRIDGE_DOSHII_WEBHOOK_AUTH: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    if not pairs:
+        print(
+            "bridge sandbox --till: BRIDGE_DOSHII_WEBHOOK_AUTH: is missing; the till's webhook "
+            "carries its first key:token, as the ingress expects",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return pairs[0]
+
+
+def _notification_url(args: argparse.Namespace) -> str | None:
+    """Where the Jackpot sandbox notifies: as given, else the --till ingress's Jackpot route."""
+    if args.jackpot_notification_url or not args.till:
+        return str(args.jackpot_notification_url) if args.jackpot_notification_url else None
+    from ingress.app import NOTIFICATION_PATH
+
+    parts = urlsplit(args.till)
+    return f"{parts.scheme}://{parts.netloc}{NOTIFICATION_PATH}"
+
+
 def _sandbox(args: argparse.Namespace) -> int:
     """Serve both sandboxes until SIGTERM; with --story, tell stories against the ingress."""
     from sandbox.server import run_forever
     from sandbox.story import tell_stories
+    from sandbox.till import sell_at_till, webhook_of
     from shared.service import run
 
     if args.story_repeat_s and not args.story:
         print("bridge sandbox: --story-repeat-s needs --story", file=sys.stderr)
         return 2
+    till_options = (args.till_sales, args.till_amount_cents, args.till_wait_s)
+    if not args.till and till_options != (1, DEFAULT_TILL_CENTS, SALE_WAIT_S):
+        print("bridge sandbox: the --till-* options need --till", file=sys.stderr)
+        return 2
     settings = _story_settings(args) if args.story else None
+    till_auth = _till_auth(args)
     logs.configure("info")
 
     async def main(stop: asyncio.Event) -> int:
@@ -202,6 +246,15 @@ def _sandbox(args: argparse.Namespace) -> int:
             if settings is not None:
                 story = tell_stories(sandboxes, settings, args.story, repeat_s=args.story_repeat_s)
                 stories.append(asyncio.create_task(story))
+            if till_auth is not None:
+                till = sell_at_till(
+                    sandboxes,
+                    webhook_of(args.till, till_auth),
+                    sales=args.till_sales,
+                    amount_cents=args.till_amount_cents,
+                    wait_s=args.till_wait_s,
+                )
+                stories.append(asyncio.create_task(_without_result(till)))
 
         serving = asyncio.create_task(
             run_forever(
@@ -211,6 +264,9 @@ def _sandbox(args: argparse.Namespace) -> int:
                 args.jackpot_api_key,
                 args.doshii_client_id,
                 args.doshii_client_secret,
+                jackpot_api_signature=args.jackpot_api_signature,
+                jackpot_client_id=args.jackpot_client_id,
+                jackpot_notification_url=_notification_url(args),
                 on_started=started,
             )
         )
@@ -234,12 +290,28 @@ def _sandbox(args: argparse.Namespace) -> int:
     return run(main)
 
 
+async def _without_result(work: Coroutine[Any, Any, object]) -> None:
+    """Run `work` as one of the sandbox's background tasks, which give nothing back."""
+    await work
+
+
 def _ingress_url(text: str) -> str:
     """An `http(s)://host[:port]` URL, without a trailing slash."""
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"{text!r} is not an http(s)://host[:port] URL")
     return text.rstrip("/")
+
+
+def _positive(text: str) -> int:
+    """A whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or more")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -335,6 +407,40 @@ def parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=0.0,
         help="with --story: play a fresh story every N seconds (default 0: once)",
+    )
+    sandbox.add_argument("--jackpot-api-signature", default=DEFAULT_JACKPOT_API_SIGNATURE)
+    sandbox.add_argument("--jackpot-client-id", default=DEFAULT_JACKPOT_CLIENT_ID)
+    sandbox.add_argument(
+        "--jackpot-notification-url",
+        metavar="URL",
+        type=_ingress_url,
+        help="where Jackpot notifies vouchers reserved through a session (its "
+        "reserveNotificationUrl); with --till, defaults to that ingress's Jackpot route",
+    )
+    sandbox.add_argument(
+        "--till",
+        metavar="WEBHOOK_URL",
+        type=_ingress_url,
+        help="once up, register WEBHOOK_URL (the ingress's /notifications/doshii) for "
+        "card_activate with the first key:token of BRIDGE_DOSHII_WEBHOOK_AUTH, sell cards at "
+        "the till and log how each ended; keeps serving afterwards",
+    )
+    sandbox.add_argument(
+        "--till-sales", metavar="N", type=_positive, default=1, help="with --till: cards to sell"
+    )
+    sandbox.add_argument(
+        "--till-amount-cents",
+        metavar="CENTS",
+        type=_positive,
+        default=DEFAULT_TILL_CENTS,
+        help=f"with --till: each card's amount (default {DEFAULT_TILL_CENTS})",
+    )
+    sandbox.add_argument(
+        "--till-wait-s",
+        metavar="S",
+        type=_seconds,
+        default=SALE_WAIT_S,
+        help=f"with --till: how long each sale may take to end (default {SALE_WAIT_S:g})",
     )
     sandbox.set_defaults(func=_sandbox)
     return top

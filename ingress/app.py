@@ -6,19 +6,28 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import orjson
 import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
+from ingress.doshii import (
+    DOSHII_WEBHOOK_PATH,
+    WWW_AUTHENTICATE,
+    BasicAuth,
+    WebhookProblem,
+    read_webhook,
+)
 from ingress.openapi import openapi_document
 from ingress.spool import Spool, SpoolError
 from shared import envelope, metrics, service
 from shared.broker import Outgoing, Publisher, connection_name, declare_topology, send
 from shared.errors import BrokerUnavailable, InvalidKey
+from shared.intake import CardRefHasher, intake_message_id, intake_request
 from shared.keys import KeyRing
-from shared.models import Voucher
+from shared.models import KeyClaims, Route, Voucher
 from shared.publisher import ConfirmedPublisher
 from shared.settings import Settings
 from shared.topology import Names
@@ -70,6 +79,8 @@ class Ingress:
     publisher: Publisher
     spool: Spool | None
     declared: asyncio.Event
+    webhook_auth: BasicAuth
+    card_refs: CardRefHasher
 
 
 INGRESS = web.AppKey("ingress", Ingress)
@@ -197,6 +208,81 @@ async def _notification(ingress: Ingress, request: web.BaseRequest) -> web.Respo
             outcome=outcome,
             duration_ms=round(duration_s * 1000, 3),
         )
+
+
+async def receive_doshii_webhook(request: web.Request) -> web.Response:
+    """POST /notifications/doshii: Doshii's webhook (Basic auth); a pending sale is published."""
+    ingress = request.app[INGRESS]
+    started = time.perf_counter()
+    outcome = "error"
+    event = request_id = location_id = None
+    try:
+        if ingress.webhook_auth.check(request.headers.get("Authorization")) is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "Basic credentials are missing or not a registered key:token pair",
+                outcome="unauthorized",
+                headers={"WWW-Authenticate": WWW_AUTHENTICATE},
+            )
+        length = request.content_length
+        if length is not None and length > MAX_BODY_BYTES:
+            raise _too_large()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as error:
+            raise _too_large() from error
+        # An empty body is Doshii's verification check (its shape is undocumented): any type.
+        if body.strip() and not _content_type_ok(request):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type must be application/json, not {request.content_type!r}",
+                outcome="unsupported",
+            )
+        try:
+            reading = read_webhook(body)
+        except WebhookProblem as problem:
+            raise ApiError(400, problem.error, problem.detail, outcome="invalid") from problem
+        event = reading.event
+        if reading.sale is None:
+            outcome = "ignored"
+            return web.json_response({"status": "ignored", "detail": reading.ignored})
+        sale = reading.sale
+        request_id, location_id = sale.id, sale.locationId
+        received_ms = int(time.time() * 1000)
+        intake = intake_request(sale, ingress.card_refs, _from_ms(received_ms))
+        claims = KeyClaims(
+            location_id=location_id, request_id=request_id, amount_cents=intake.amount_cents
+        )
+        message = Outgoing(
+            exchange=ingress.names.events,
+            routing_key=Route.CARD_ACTIVATE,
+            body=intake.model_dump_json().encode(),
+            message_id=intake_message_id(request_id),
+            correlation_id=request_id,
+            headers=envelope.claim_headers(claims, received_ms),
+        )
+        outcome = await _store(ingress, message)
+        return _accepted(outcome, message.message_id)
+    except ApiError as error:
+        outcome = error.outcome
+        raise
+    finally:
+        duration_s = time.perf_counter() - started
+        metrics.DOSHII_WEBHOOKS.inc(outcome)
+        log.info(
+            "doshii_webhook",
+            doshii_event=event,
+            doshii_request_id=request_id,
+            doshii_location_id=location_id,
+            outcome=outcome,
+            duration_ms=round(duration_s * 1000, 3),
+        )
+
+
+def _from_ms(epoch_ms: int) -> datetime:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC)
 
 
 def _too_large() -> ApiError:
@@ -344,11 +430,17 @@ def create_app(
             else None
         ),
         declared=asyncio.Event(),
+        webhook_auth=BasicAuth(settings.doshii_webhook_auth),
+        card_refs=CardRefHasher(settings.key_secrets[0]),
     )
     runner: type[web.AppRunner] = IngressRunner
     app[service.RUNNER] = runner
     app.cleanup_ctx.append(_broker_context)
     app.router.add_post(NOTIFICATION_PATH, receive_notification)
+    # Doshii's webhook is served only where its credentials are set: an ingress for Jackpot
+    # alone needs none, and an open route with no credential to check would accept anyone.
+    if settings.doshii_webhook_auth:
+        app.router.add_post(DOSHII_WEBHOOK_PATH, receive_doshii_webhook)
     app.router.add_get("/healthz", service.healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", service.metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from shared.intake import MAX_AMOUNT_CENTS
 from shared.models import Voucher
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -24,6 +25,45 @@ def _status(*values: str) -> dict[str, Any]:
         "required": ["status"],
         "properties": {"status": {"type": "string", "enum": list(values)}},
     }
+
+
+# What Doshii documents of `card_activate`'s data; the credentials are listed so the schema says
+# that they are accepted (and dropped), and every other field is allowed.
+_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+_CARD_ACTIVATE: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "locationId", "status", "requestData"],
+    "properties": {
+        "id": _ID,
+        "locationId": _ID,
+        "status": {"type": "string", "minLength": 1, "maxLength": 32},
+        "posTerminalId": {"type": "string", "maxLength": 64},
+        "uri": {"type": "string"},
+        "requestData": {
+            "type": "object",
+            "required": ["amount"],
+            "properties": {
+                "amount": {
+                    "type": "string",
+                    "pattern": f"^[1-9][0-9]{{0,{len(str(MAX_AMOUNT_CENTS)) - 2}}}$",
+                    "description": "Whole cents, as a string of digits.",
+                },
+                "cardRef": {"type": "string", "minLength": 1, "maxLength": 128},
+                "cardAuthorisationKey": {"type": "string"},
+                "cardProviderAuthId": {"type": "string"},
+                "cardProviderAuthPassword": {"type": "string"},
+            },
+        },
+    },
+}
+# `data` is each event's own: only card_activate's is read (and must be CardActivateData).
+_DOSHII_WEBHOOK: dict[str, Any] = {
+    "type": "object",
+    "description": "A Doshii webhook. No `event` (or an empty body) is Doshii's verification "
+    "check; only `card_activate` with `status: pending` is published, and its `data` must be "
+    "a CardActivateData; every other event is answered 200 and ignored.",
+    "properties": {"event": {"type": ["string", "null"], "maxLength": 64}, "data": {}},
+}
 
 
 @cache
@@ -82,6 +122,56 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/notifications/doshii": {
+                "post": {
+                    "operationId": "receiveDoshiiWebhook",
+                    "summary": "A Doshii webhook: a till's card_activate, or Doshii's check. "
+                    "Served only when BRIDGE_DOSHII_WEBHOOK_AUTH is set.",
+                    "security": [{"doshiiBasic": []}],
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/DoshiiWebhook"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["status"],
+                                "properties": {
+                                    "status": {
+                                        "type": "string",
+                                        "enum": ["accepted", "spooled", "ignored"],
+                                    },
+                                    "messageId": {"type": "string"},
+                                    "detail": {"type": "string"},
+                                },
+                            },
+                            "A pending card_activate stored (confirmed by the broker, or "
+                            "fsynced to the spool), or another event (or none) ignored.",
+                        ),
+                        "400": _error("The body is not JSON, or not a Doshii event."),
+                        "401": _error(
+                            "The Basic credentials are missing or not registered.",
+                            headers={
+                                "WWW-Authenticate": {
+                                    "description": "The Basic challenge",
+                                    "schema": {"type": "string"},
+                                }
+                            },
+                        ),
+                        "413": _error("The body is larger than 64 KiB."),
+                        "415": _error("The Content-Type is not application/json."),
+                        "503": _error(
+                            "Not stored: the broker and the spool cannot take it now.",
+                            headers=retry_after,
+                        ),
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "operationId": "healthz",
@@ -124,14 +214,17 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "components": {
+            "securitySchemes": {"doshiiBasic": {"type": "http", "scheme": "basic"}},
             "schemas": {
                 **defs,
                 "Voucher": voucher,
+                "DoshiiWebhook": _DOSHII_WEBHOOK,
+                "CardActivateData": _CARD_ACTIVATE,
                 "Error": {
                     "type": "object",
                     "required": ["error", "detail"],
                     "properties": {"error": {"type": "string"}, "detail": {}},
                 },
-            }
+            },
         },
     }

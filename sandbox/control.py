@@ -7,9 +7,19 @@ Jackpot app:  POST /_sandbox/reservations                 -> the voucher JSON
               POST /_sandbox/vouchers/{id}/notify         -> {"status": final status}
               POST /_sandbox/vouchers/{id}/deliver        -> {"reserved_status", "ready_status",
                                                               "state"}
+              PUT  /_sandbox/notification-url             {url}: reserveNotificationUrl
+              GET  /_sandbox/catalogue                    -> stores, offers with stock, sessions
+              PUT  /_sandbox/offers/{store}/{offer}/stock {stock}
 Doshii app:   POST /_sandbox/requests                     -> {"id", "locationId"}
-              GET  /_sandbox/requests/{id}                -> record, locationId, puts, logs
+              GET  /_sandbox/requests/{id}                -> record, locationId, puts, logs,
+                                                             webhookDeliveries
               PUT  /_sandbox/requests/{id}/status         {status}
+              POST /_sandbox/webhooks                     {event, webhook_url, authentication_key,
+                                                             authentication_token, location_id}
+              POST /_sandbox/till                         {location_id, amount_cents, card_ref,
+                                                             wait} -> {"id", "locationId",
+                                                             "deliveryStatus" (when waited)}
+              POST /_sandbox/requests/{id}/deliver        {wait}: send the sale's event again
 Both apps:    GET / POST / DELETE /_sandbox/faults        (faults are shared by both sandboxes)
 """
 
@@ -27,7 +37,7 @@ from uuid import UUID
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sandbox.doshii import DOSHII
+from sandbox.doshii import CARD_ACTIVATE, DEFAULT_SALE_CENTS, DOSHII, Webhook
 from sandbox.faults import Fault, Faults
 from sandbox.jackpot import CONFIRM_WAIT_S, JACKPOT, NOTIFY_RETRY_WINDOW_S
 
@@ -91,6 +101,34 @@ class StatusIn(_Body):
     status: str = Field(min_length=1)
 
 
+class NotificationUrlIn(_Body):
+    url: str | None = None
+
+
+class StockIn(_Body):
+    stock: int = Field(ge=0)
+
+
+class WebhookIn(_Body):
+    event: str = Field(CARD_ACTIVATE, min_length=1)
+    webhook_url: str = Field(pattern=r"^https?://")
+    authentication_key: str | None = None
+    authentication_token: str | None = None
+    location_id: str | None = None
+
+
+class SaleIn(_Body):
+    location_id: str | None = Field(None, min_length=1)
+    amount_cents: int = Field(DEFAULT_SALE_CENTS, ge=1)
+    card_ref: str | None = None
+    pos_terminal_id: str | None = None
+    wait: bool = False  # answer once the delivery ended, with its last status
+
+
+class DeliverSaleIn(_Body):
+    wait: bool = True
+
+
 def _is_loopback(remote: str | None) -> bool:
     if remote is None:
         return False
@@ -141,6 +179,9 @@ def add_jackpot_controls(app: web.Application) -> None:
     controls.router.add_put("/vouchers/{voucher_id}/state", _set_state)
     controls.router.add_post("/vouchers/{voucher_id}/notify", _notify)
     controls.router.add_post("/vouchers/{voucher_id}/deliver", _deliver)
+    controls.router.add_put("/notification-url", _set_notification_url)
+    controls.router.add_get("/catalogue", _catalogue)
+    controls.router.add_put("/offers/{store_id}/{offer_id}/stock", _set_stock)
     app.add_subapp(CONTROL_PREFIX, controls)
 
 
@@ -151,6 +192,9 @@ def add_doshii_controls(app: web.Application) -> None:
     controls.router.add_post("/requests", _create_request)
     controls.router.add_get("/requests/{request_id}", _request)
     controls.router.add_put("/requests/{request_id}/status", _set_status)
+    controls.router.add_post("/webhooks", _register_webhook)
+    controls.router.add_post("/till", _sell)
+    controls.router.add_post("/requests/{request_id}/deliver", _deliver_sale)
     app.add_subapp(CONTROL_PREFIX, controls)
 
 
@@ -287,6 +331,9 @@ async def _request(request: web.Request) -> web.StreamResponse:
             "locationId": doshii.locations[request_id],
             "puts": doshii.puts.get(request_id, []),
             "logs": doshii.logs[request_id],
+            "webhookDeliveries": [
+                asdict(d) for d in doshii.webhook_deliveries if d.request_id == request_id
+            ],
         }
     )
 
@@ -299,3 +346,80 @@ async def _set_status(request: web.Request) -> web.StreamResponse:
     body = await _body(request, StatusIn)
     doshii.set_status(request_id, body.status)
     return web.json_response(doshii.record(request_id))
+
+
+async def _set_notification_url(request: web.Request) -> web.StreamResponse:
+    body = await _body(request, NotificationUrlIn)
+    request.config_dict[JACKPOT].reserve_notification_url = body.url
+    return web.json_response({"url": body.url})
+
+
+async def _catalogue(request: web.Request) -> web.StreamResponse:
+    jackpot = request.config_dict[JACKPOT]
+    return web.json_response(
+        {
+            "stores": [store.as_json() for store in jackpot.catalogue.values()],
+            "offers": [
+                o.as_json() for st in jackpot.catalogue.values() for o in st.offers.values()
+            ],
+            "tokenCalls": jackpot.token_calls,
+            "reserveCalls": jackpot.reserve_calls,
+            "sessions": len(jackpot.sessions),
+        }
+    )
+
+
+async def _set_stock(request: web.Request) -> web.StreamResponse:
+    jackpot = request.config_dict[JACKPOT]
+    store = jackpot.catalogue.get(request.match_info["store_id"])
+    offer = store.offers.get(request.match_info["offer_id"]) if store is not None else None
+    if offer is None:
+        return _unknown("offer", request.match_info["offer_id"])
+    offer.stock = (await _body(request, StockIn)).stock
+    return web.json_response(offer.as_json())
+
+
+async def _register_webhook(request: web.Request) -> web.StreamResponse:
+    body = await _body(request, WebhookIn)
+    webhook = Webhook(
+        event=body.event,
+        url=body.webhook_url,
+        authentication_key=body.authentication_key,
+        authentication_token=body.authentication_token,
+        location_id=body.location_id,
+    )
+    request.config_dict[DOSHII].register_webhook(webhook)
+    return web.json_response(webhook.as_json())
+
+
+async def _sell(request: web.Request) -> web.StreamResponse:
+    body = await _body(request, SaleIn)
+    doshii = request.config_dict[DOSHII]
+    request_id = doshii.sell_card(
+        location_id=body.location_id,
+        amount_cents=body.amount_cents,
+        card_ref=body.card_ref,
+        pos_terminal_id=body.pos_terminal_id,
+    )
+    answer: dict[str, object] = {"id": request_id, "locationId": doshii.locations[request_id]}
+    if doshii.webhook_for(CARD_ACTIVATE, doshii.locations[request_id]) is None:
+        return _error(409, "no card_activate webhook registered", answer)
+    delivery = doshii.start_delivery(request_id)
+    if body.wait:
+        answer["deliveryStatus"] = await delivery
+    return web.json_response(answer)
+
+
+async def _deliver_sale(request: web.Request) -> web.StreamResponse:
+    doshii = request.config_dict[DOSHII]
+    request_id = request.match_info["request_id"]
+    if request_id not in doshii.sales:
+        return _unknown("sale", request_id)
+    body = await _body(request, DeliverSaleIn)
+    if doshii.webhook_for(CARD_ACTIVATE, doshii.locations[request_id]) is None:
+        return _error(409, "no card_activate webhook registered", request_id)
+    delivery = doshii.start_delivery(request_id)
+    answer: dict[str, object] = {"id": request_id}
+    if body.wait:
+        answer["deliveryStatus"] = await delivery
+    return web.json_response(answer)

@@ -28,6 +28,9 @@ class FaultRoute(StrEnum):
     JACKPOT_CANCEL = "jackpot.cancel"
     JACKPOT_SIGNEDURL = "jackpot.signedurl"
     JACKPOT_PDF = "jackpot.pdf"
+    JACKPOT_TOKEN = "jackpot.token"
+    JACKPOT_RESERVE = "jackpot.reserve"
+    JACKPOT_CATALOGUE = "jackpot.catalogue"
     DOSHII_GET = "doshii.get"
     DOSHII_PUT = "doshii.put"
 

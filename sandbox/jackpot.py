@@ -1,12 +1,22 @@
 """A Jackpot look-alike: vouchers with Jackpot's state rules, signed PDF links that expire, and
 notifications delivered (and retried) the way Jackpot delivers them.
 
-Routes (all but the PDF need `apikey: <api_key>`):
+Routes (those under "apikey" need `apikey: <api_key>`, those under "session" a Bearer token):
 
-    PUT /v2/voucher/{id}/confirm      RESERVED -> CONFIRMED
-    PUT /v2/voucher/{id}/cancel       RESERVED -> CANCELED
-    GET /v2/vouchers/{id}/signedurl   a fresh signed PDF link
-    GET /pdf/{id}.pdf?expires=&signature=   the PDF, S3-style 403 XML when expired or tampered
+    apikey   PUT /v2/voucher/{id}/confirm      RESERVED -> CONFIRMED
+             PUT /v2/voucher/{id}/cancel       RESERVED -> CANCELED (its stock comes back)
+             GET /v2/vouchers/{id}/signedurl   a fresh signed PDF link
+    none     POST /v2/token                    a signed JWT (once only) -> a session token
+    either   GET /v2/stores, /v2/stores/proposed-vouchers, /v2/stores/{store}/proposed-vouchers,
+             /v2/stores/{store}/offers/{offer}
+    session  POST /v2/stores/{store}/offers/{offer}/reserve-voucher-by-value  {"value": N}
+             POST /v2/stores/{store}/offers/{offer}/reserve-voucher-by-price  {"price": N}
+    none     GET /pdf/{id}.pdf?expires=&signature=   the PDF, S3-style 403 XML when expired
+
+A session ends after one reservation or an hour. A voucher reserved through a session is
+notified as Jackpot does, to `reserve_notification_url?notificationKey=<the JWT's key>`:
+RESERVED at once, READY once confirmed (by `PUT .../confirm`, or, when the JWT did not ask for
+`forceManualConfirm`, by the 200 to RESERVED), each retried a bounded number of times.
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ import random
 import secrets
 import string
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -30,9 +41,11 @@ from typing import Any, Literal
 from uuid import UUID, uuid4
 
 import aiohttp
+import jwt
 from aiohttp import web
 from yarl import URL
 
+from sandbox.catalogue import Offer, Store, default_catalogue
 from sandbox.faults import FaultRoute, Faults
 from sandbox.timestamps import iso_z, parse_iso, utcnow
 
@@ -54,7 +67,32 @@ NOTIFY_ATTEMPT_TIMEOUT_S = 10.0
 # How long `deliver` waits for the bridge to confirm a reservation it agreed to.
 CONFIRM_WAIT_S = 10.0
 
+# Sessions: Jackpot's documented lifetime, and how old a JWT may be when it is exchanged.
+SESSION_TTL_S = 3600.0
+MAX_ASSERTION_AGE_S = 600.0
+MAX_ASSERTION_SKEW_S = 60.0
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# Notifications of session-reserved vouchers: retried, but not forever (a bridge may be gone).
+AUTO_NOTIFY_ATTEMPTS = 8
+AUTO_NOTIFY_WINDOW_S = 60.0
+
 SignedUrlShape = Literal["signedUrl", "url", "bare"]
+TokenField = Literal["access_token", "accessToken", "token"]
+
+
+@dataclass
+class Session:
+    """A client session opened at POST /v2/token from one signed JWT."""
+
+    token: str
+    notification_key: str
+    amount: Decimal  # the most it may spend, in Jackpot's units
+    force_manual_confirm: bool
+    expires_at_s: float
+    used: bool = False
+
+    def ended(self) -> bool:
+        return self.used or time.time() >= self.expires_at_s
 
 
 class State(StrEnum):
@@ -111,8 +149,32 @@ class JackpotSandbox:
         public_base_url: str | None = None,
         faults: Faults | None = None,
         notify_timeout_s: float = NOTIFY_ATTEMPT_TIMEOUT_S,
+        api_signature: str | None = None,
+        client_id: str | None = None,
+        reserve_notification_url: str | None = None,
+        token_field: TokenField = "access_token",
+        session_ttl_s: float = SESSION_TTL_S,
+        notify_attempts: int = AUTO_NOTIFY_ATTEMPTS,
+        catalogue: dict[str, Store] | None = None,
     ) -> None:
         self.api_key = api_key
+        # The back office's "Api Signature" (signs session JWTs) and the client id they go with.
+        self.api_signature = api_signature if api_signature is not None else secrets.token_hex(32)
+        self.client_id = client_id if client_id is not None else "bridge-sandbox"
+        # Where vouchers reserved through a session are notified (the back office's setting).
+        self.reserve_notification_url = reserve_notification_url
+        self.token_field: TokenField = token_field
+        self.session_ttl_s = session_ttl_s
+        self.notify_attempts = notify_attempts
+        self.catalogue = catalogue if catalogue is not None else default_catalogue()
+        self.sessions: dict[str, Session] = {}
+        self.used_assertions: set[str] = set()
+        self.token_calls = 0
+        self.reserve_calls = 0
+        # Vouchers reserved through a session: whether each waits for PUT .../confirm.
+        self._manual_confirm: dict[str, bool] = {}
+        self._offer_of: dict[str, Offer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.link_secret = link_secret if link_secret is not None else secrets.token_bytes(32)
         self.link_ttl_s = link_ttl_s
         self.signed_url_shape: SignedUrlShape = signed_url_shape
@@ -284,11 +346,13 @@ class JackpotSandbox:
         signed_url: str | None = None,
         extra: dict[str, Any] | None = None,
         retry_window_s: float = NOTIFY_RETRY_WINDOW_S,
+        max_attempts: int | None = None,
     ) -> int:
         """POST the voucher's notification to the bridge, retrying like Jackpot until a 200.
 
         Any other answer, a connection error or a timeout is retried with jittered exponential
-        backoff (0.2 s doubling to 5 s) until `retry_window_s` has passed. `extra` fields are
+        backoff (0.2 s doubling to 5 s) until `retry_window_s` has passed (or `max_attempts`
+        were made). `extra` fields are
         merged into the payload last. The stored state is not changed (`set_state` does that).
         Returns the status of the last attempt, 0 if it got no answer; every attempt is
         appended to `deliveries`.
@@ -311,6 +375,8 @@ class JackpotSandbox:
             )
             remaining_s = deadline - loop.time()
             if status == 200 or remaining_s <= 0:
+                return status
+            if max_attempts is not None and attempt >= max_attempts:
                 return status
             await asyncio.sleep(min(random.uniform(backoff_s / 2, backoff_s), remaining_s))
             backoff_s = min(backoff_s * 2, NOTIFY_MAX_BACKOFF_S)
@@ -370,8 +436,118 @@ class JackpotSandbox:
         except (aiohttp.ClientError, TimeoutError) as error:
             return 0, f"{type(error).__name__}: {error}"
 
+    # Sessions and reservations
+
+    def open_session(self, client_id: object, assertion: object) -> tuple[int, dict[str, Any]]:
+        """Check a token request (status, answer): a JWT signed by us, never exchanged before."""
+        if client_id != self.client_id:
+            return 401, {"error": "invalid_client", "error_description": "Unknown client_id"}
+        if not isinstance(assertion, str) or not assertion:
+            return 400, {"error": "invalid_request", "error_description": "assertion is missing"}
+        digest = hashlib.sha256(assertion.encode()).hexdigest()
+        if digest in self.used_assertions:
+            return 400, {"error": "invalid_grant", "error_description": "assertion already used"}
+        try:
+            # The caller's key length is its business: PyJWT's warning must not be a 500 here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                claims = jwt.decode(
+                    assertion,
+                    self.api_signature,
+                    algorithms=["HS256"],
+                    options={"require": ["iat", "amount", "notificationKey"], "verify_iat": False},
+                )
+        except jwt.PyJWTError as error:
+            return 400, {"error": "invalid_grant", "error_description": f"assertion: {error}"}
+        problem = _claims_problem(claims)
+        if problem is not None:
+            return 400, {"error": "invalid_grant", "error_description": problem}
+        self.used_assertions.add(digest)
+        token = secrets.token_urlsafe(24)
+        self.sessions[token] = Session(
+            token=token,
+            notification_key=claims["notificationKey"],
+            amount=Decimal(str(claims["amount"])),
+            force_manual_confirm=claims.get("forceManualConfirm") is True,
+            expires_at_s=time.time() + self.session_ttl_s,
+        )
+        return 200, {
+            self.token_field: token,
+            "token_type": "Bearer",
+            "expires_in": int(self.session_ttl_s),
+        }
+
+    def session_of(self, authorization: str | None) -> Session | None:
+        """The live session a `Bearer` header names, or None."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        session = self.sessions.get(token.strip())
+        return None if session is None or session.ended() else session
+
+    def reserve_with(
+        self, session: Session, offer: Offer, value: Decimal, price: Decimal
+    ) -> dict[str, Any]:
+        """Reserve through `session` (which then ends) and start notifying as Jackpot does."""
+        offer.stock -= 1
+        session.used = True
+        voucher = self.reserve(
+            notification_url=self.reserve_notification_url or "",
+            notification_key=session.notification_key,
+            value=value,
+            price=price,
+        )
+        vid = voucher["id"]
+        self._manual_confirm[vid] = session.force_manual_confirm
+        self._offer_of[vid] = offer
+        self._spawn(self._after_reserve(vid))
+        return voucher
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _notify_bounded(self, vid: str, state: str) -> int:
+        if not self.reserve_notification_url:
+            return 0
+        return await self.notify(
+            vid, state, retry_window_s=AUTO_NOTIFY_WINDOW_S, max_attempts=self.notify_attempts
+        )
+
+    async def _after_reserve(self, vid: str) -> None:
+        status = await self._notify_bounded(vid, State.RESERVED)
+        manual = self._manual_confirm.get(vid, True)
+        if not manual and status == 200 and self.vouchers[vid]["state"] == State.RESERVED:
+            # Without forceManualConfirm, the 200 to RESERVED is the agreement.
+            self.set_state(vid, State.CONFIRMED)
+            await self._ready(vid)
+
+    async def _ready(self, vid: str) -> None:
+        self.set_state(vid, State.READY)
+        await self._notify_bounded(vid, State.READY)
+
+    def confirmed(self, vid: str) -> None:
+        """A session-reserved voucher was confirmed by the API: it becomes READY, notified."""
+        if vid in self._manual_confirm:
+            self._spawn(self._ready(vid))
+
+    def canceled(self, vid: str) -> None:
+        """A session-reserved voucher was cancelled: its offer has it in stock again."""
+        offer = self._offer_of.pop(vid, None)
+        if offer is not None:
+            offer.stock += 1
+
+    async def settle(self) -> None:
+        """Wait for every notification this sandbox started on its own (tests use it)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def aclose(self) -> None:
-        """Close the HTTP client used for notifications."""
+        """Stop notifying and close the HTTP client used for notifications."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -388,6 +564,14 @@ def create_app(sandbox: JackpotSandbox) -> web.Application:
     app.router.add_put("/v2/voucher/{voucher_id}/cancel", _cancel)
     app.router.add_get("/v2/vouchers/{voucher_id}/signedurl", _signedurl)
     app.router.add_get("/pdf/{voucher_id}.pdf", _pdf)
+    app.router.add_post("/v2/token", _token)
+    app.router.add_get("/v2/stores", _stores)
+    app.router.add_get("/v2/stores/proposed-vouchers", _proposed)
+    app.router.add_get("/v2/stores/{store_id}/proposed-vouchers", _proposed)
+    app.router.add_get("/v2/stores/{store_id}/offers/{offer_id}", _offer)
+    reserve = "/v2/stores/{store_id}/offers/{offer_id}/reserve-voucher-by-"
+    app.router.add_post(reserve + "value", _reserve_by_value)
+    app.router.add_post(reserve + "price", _reserve_by_price)
     app.on_cleanup.append(_close_client)
     return app
 
@@ -425,6 +609,7 @@ async def _confirm(request: web.Request) -> web.StreamResponse:
         return _not_found(vid)
     if voucher["state"] == State.RESERVED:
         sandbox.set_state(vid, State.CONFIRMED)
+        sandbox.confirmed(vid)
         return web.json_response(voucher)
     if voucher["state"] in _CONFIRMED_STATES:
         return _error(409, "VOUCHER_ALREADY_CONFIRMED", "Voucher already confirmed")
@@ -445,6 +630,7 @@ async def _cancel(request: web.Request) -> web.StreamResponse:
         return _not_found(vid)
     if voucher["state"] == State.RESERVED:
         sandbox.set_state(vid, State.CANCELED)
+        sandbox.canceled(vid)
     if voucher["state"] == State.CANCELED:
         return web.json_response(voucher)
     return _error(409, "VOUCHER_NOT_CANCELABLE", f"Voucher is {voucher['state']}")
@@ -505,6 +691,139 @@ async def _pdf(request: web.Request) -> web.StreamResponse:
     body = sandbox.pdf(vid)
     sandbox.pdf_downloads[vid] += 1
     return web.Response(body=body, content_type="application/pdf")
+
+
+async def _token(request: web.Request) -> web.StreamResponse:
+    sandbox = request.app[JACKPOT]
+    if (fault := await sandbox.faults.apply(FaultRoute.JACKPOT_TOKEN, request)) is not None:
+        return fault
+    sandbox.token_calls += 1
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return web.json_response(
+            {"error": "invalid_request", "error_description": "body must be a JSON object"},
+            status=400,
+        )
+    if body.get("grant_type") != JWT_BEARER_GRANT:
+        return web.json_response(
+            {"error": "unsupported_grant_type", "error_description": f"use {JWT_BEARER_GRANT}"},
+            status=400,
+        )
+    status, answer = sandbox.open_session(body.get("client_id"), body.get("assertion"))
+    return web.json_response(answer, status=status)
+
+
+def _catalogue_denied(request: web.Request, sandbox: JackpotSandbox) -> web.Response | None:
+    """The catalogue takes an apikey or a live session (which route wants which is unknown)."""
+    if sandbox.session_of(request.headers.get("Authorization")) is not None:
+        return None
+    return _unauthorized(request, sandbox)
+
+
+async def _stores(request: web.Request) -> web.StreamResponse:
+    sandbox = request.app[JACKPOT]
+    if (fault := await sandbox.faults.apply(FaultRoute.JACKPOT_CATALOGUE, request)) is not None:
+        return fault
+    if (denied := _catalogue_denied(request, sandbox)) is not None:
+        return denied
+    return web.json_response([store.as_json() for store in sandbox.catalogue.values()])
+
+
+async def _proposed(request: web.Request) -> web.StreamResponse:
+    sandbox = request.app[JACKPOT]
+    if (fault := await sandbox.faults.apply(FaultRoute.JACKPOT_CATALOGUE, request)) is not None:
+        return fault
+    if (denied := _catalogue_denied(request, sandbox)) is not None:
+        return denied
+    store_id = request.match_info.get("store_id")
+    if store_id is not None and store_id not in sandbox.catalogue:
+        return _error(404, "STORE_NOT_FOUND", f"Store {store_id} not found")
+    stores = [sandbox.catalogue[store_id]] if store_id else list(sandbox.catalogue.values())
+    return web.json_response([o.as_json() for store in stores for o in store.offers.values()])
+
+
+def _find_offer(sandbox: JackpotSandbox, request: web.Request) -> Offer | web.Response:
+    store_id, offer_id = request.match_info["store_id"], request.match_info["offer_id"]
+    store = sandbox.catalogue.get(store_id)
+    if store is None:
+        return _error(404, "STORE_NOT_FOUND", f"Store {store_id} not found")
+    offer = store.offers.get(offer_id)
+    if offer is None:
+        return _error(404, "OFFER_NOT_FOUND", f"Offer {offer_id} not found in store {store_id}")
+    return offer
+
+
+async def _offer(request: web.Request) -> web.StreamResponse:
+    sandbox = request.app[JACKPOT]
+    if (fault := await sandbox.faults.apply(FaultRoute.JACKPOT_CATALOGUE, request)) is not None:
+        return fault
+    if (denied := _catalogue_denied(request, sandbox)) is not None:
+        return denied
+    offer = _find_offer(sandbox, request)
+    return offer if isinstance(offer, web.Response) else web.json_response(offer.as_json())
+
+
+async def _reserve_by_value(request: web.Request) -> web.StreamResponse:
+    return await _reserve_route(request, "value")
+
+
+async def _reserve_by_price(request: web.Request) -> web.StreamResponse:
+    return await _reserve_route(request, "price")
+
+
+async def _reserve_route(request: web.Request, by: Literal["value", "price"]) -> web.StreamResponse:
+    sandbox = request.app[JACKPOT]
+    if (fault := await sandbox.faults.apply(FaultRoute.JACKPOT_RESERVE, request)) is not None:
+        return fault
+    sandbox.reserve_calls += 1
+    session = sandbox.session_of(request.headers.get("Authorization"))
+    if session is None:
+        return _error(401, "UNAUTHORIZED", "Missing, expired or used session token")
+    offer = _find_offer(sandbox, request)
+    if isinstance(offer, web.Response):
+        return offer
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        body = None
+    amount = body.get(by) if isinstance(body, dict) else None
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or not amount > 0:
+        return _error(400, "INVALID_BODY", f'body must be {{"{by}": <a positive number>}}')
+    given = Decimal(str(amount))
+    quote = offer.by_value(given) if by == "value" else offer.by_price(given)
+    if quote is None:
+        return _error(
+            400,
+            "AMOUNT_NOT_ALLOWED",
+            f"{by} {amount} is not offered: values {offer.min_value} to {offer.max_value}",
+        )
+    value, price = quote
+    if price > session.amount:
+        return _error(400, "AMOUNT_EXCEEDS_SESSION", f"price {price} is over the session amount")
+    if offer.stock <= 0:
+        return _error(409, "OUT_OF_STOCK", f"Offer {offer.id} is out of stock")
+    return web.json_response(sandbox.reserve_with(session, offer, value, price))
+
+
+def _claims_problem(claims: dict[str, Any]) -> str | None:
+    iat = claims["iat"]
+    if isinstance(iat, bool) or not isinstance(iat, int | float):
+        return "iat must be a number of seconds"
+    age_s = time.time() - iat
+    if age_s > MAX_ASSERTION_AGE_S:
+        return "assertion expired"
+    if -age_s > MAX_ASSERTION_SKEW_S:
+        return "assertion issued in the future"
+    amount = claims["amount"]
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or not amount > 0:
+        return "amount must be a positive number"
+    key = claims["notificationKey"]
+    if not isinstance(key, str) or not key:
+        return "notificationKey must be a non-empty string"
+    return None
 
 
 def _is_not_reserved(state: str) -> bool:

@@ -19,8 +19,9 @@ from aiohttp import web
 
 from sandbox import doshii as doshii_app
 from sandbox import jackpot as jackpot_app
+from sandbox.catalogue import DEFAULT_OFFER_ID, DEFAULT_STORE_ID
 from sandbox.control import add_doshii_controls, add_jackpot_controls
-from sandbox.doshii import DOSHII_BASE_PATH, DoshiiSandbox
+from sandbox.doshii import DOSHII_BASE_PATH, WEBHOOK_FIRST_BACKOFF_S, DoshiiSandbox
 from sandbox.faults import Faults
 from sandbox.jackpot import LINK_TTL_S, JackpotSandbox, SignedUrlShape
 
@@ -28,6 +29,9 @@ DEFAULT_JACKPOT_API_KEY = "jackpot-sandbox-key"
 DEFAULT_DOSHII_CLIENT_ID = "bridge-sandbox"
 # 32 bytes or more: PyJWT warns about shorter HS256 keys.
 DEFAULT_DOSHII_CLIENT_SECRET = "doshii-sandbox-secret-0123456789abcdef"
+# The back office's "Api Signature" and client id the bridge's sessions use (32+ bytes, as above).
+DEFAULT_JACKPOT_API_SIGNATURE = "jackpot-sandbox-api-signature-0123456789"
+DEFAULT_JACKPOT_CLIENT_ID = "bridge-sandbox"
 # A stopping sandbox waits this long for handlers still running (a `delay_s` fault, say).
 SHUTDOWN_TIMEOUT_S = 1.0
 
@@ -56,6 +60,10 @@ class Sandboxes:
         return {
             "jackpot_api_url": self.jackpot_url,
             "jackpot_api_key": self.jackpot.api_key,
+            "jackpot_api_signature": self.jackpot.api_signature,
+            "jackpot_client_id": self.jackpot.client_id,
+            "jackpot_store_id": DEFAULT_STORE_ID,
+            "jackpot_offer_id": DEFAULT_OFFER_ID,
             "doshii_api_url": self.doshii_url,
             "doshii_client_id": self.doshii.client_id,
             "doshii_client_secret": self.doshii.client_secret,
@@ -67,6 +75,7 @@ class Sandboxes:
         while self._runners:
             await self._runners.pop().cleanup()
         await self.jackpot.aclose()
+        await self.doshii.aclose()
 
     async def __aenter__(self) -> Sandboxes:
         return self
@@ -123,16 +132,31 @@ async def start_sandboxes(
     signed_url_shape: SignedUrlShape = "signedUrl",
     doshii_base_path: str = DOSHII_BASE_PATH,
     access_log: bool = False,
+    jackpot_api_signature: str = DEFAULT_JACKPOT_API_SIGNATURE,
+    jackpot_client_id: str = DEFAULT_JACKPOT_CLIENT_ID,
+    jackpot_notification_url: str | None = None,
+    webhook_first_backoff_s: float = WEBHOOK_FIRST_BACKOFF_S,
 ) -> Sandboxes:
     """Start the Jackpot and Doshii sandboxes on `host` (port 0: any free port), with control
     routes, sharing one `Faults`. Use as `async with await start_sandboxes() as sandboxes:`.
     """
     faults = Faults()
     jackpot = JackpotSandbox(
-        jackpot_api_key, link_secret, link_ttl_s, signed_url_shape, faults=faults
+        jackpot_api_key,
+        link_secret,
+        link_ttl_s,
+        signed_url_shape,
+        faults=faults,
+        api_signature=jackpot_api_signature,
+        client_id=jackpot_client_id,
+        reserve_notification_url=jackpot_notification_url,
     )
     doshii = DoshiiSandbox(
-        doshii_client_id, doshii_client_secret, base_path=doshii_base_path, faults=faults
+        doshii_client_id,
+        doshii_client_secret,
+        base_path=doshii_base_path,
+        faults=faults,
+        webhook_first_backoff_s=webhook_first_backoff_s,
     )
     jackpot_web = jackpot_app.create_app(jackpot)
     add_jackpot_controls(jackpot_web)
@@ -170,6 +194,9 @@ async def run_forever(
     doshii_client_id: str,
     doshii_client_secret: str,
     *,
+    jackpot_api_signature: str = DEFAULT_JACKPOT_API_SIGNATURE,
+    jackpot_client_id: str = DEFAULT_JACKPOT_CLIENT_ID,
+    jackpot_notification_url: str | None = None,
     on_started: Callable[[Sandboxes], None] | None = None,
 ) -> None:
     """Serve both sandboxes (with their `/_sandbox` control routes) until cancelled or SIGTERM.
@@ -185,6 +212,9 @@ async def run_forever(
         doshii_client_id=doshii_client_id,
         doshii_client_secret=doshii_client_secret,
         access_log=True,
+        jackpot_api_signature=jackpot_api_signature,
+        jackpot_client_id=jackpot_client_id,
+        jackpot_notification_url=jackpot_notification_url,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -202,6 +232,7 @@ async def run_forever(
             jackpot_url=sandboxes.jackpot_url,
             doshii_url=sandboxes.doshii_url,
             pdf_origin=sandboxes.pdf_origin,
+            jackpot_notification_url=jackpot_notification_url,
         )
         if on_started is not None:
             on_started(sandboxes)

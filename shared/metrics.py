@@ -89,6 +89,11 @@ class LoopHistogram(Collector):
 INGRESS_REQUESTS = LoopCounter(
     "bridge_ingress_requests", "Notifications received by the ingress, by outcome.", "outcome"
 )
+DOSHII_WEBHOOKS = LoopCounter(
+    "bridge_doshii_webhooks",
+    "Doshii webhooks received by the ingress, by outcome (accepted, spooled, ignored, ...).",
+    "outcome",
+)
 INGRESS_SECONDS = LoopHistogram(
     "bridge_ingress_request_seconds",
     "Time from request to answer for notifications.",

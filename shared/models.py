@@ -76,6 +76,7 @@ class Route(StrEnum):
     READY = "voucher.ready"
     LIFECYCLE = "voucher.lifecycle"
     DOSHII = "doshii.update"
+    CARD_ACTIVATE = "doshii.card_activate"
 
 
 class Voucher(BaseModel):

@@ -7,13 +7,19 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 import jwt
+from pydantic import ValidationError
 
+from shared import reserve
 from shared.errors import PermanentError, TransientError
+from shared.models import Voucher
+from shared.reserve import JackpotRefusal, RefusalKind
+from shared.settings import ConfirmMode, JackpotOffer, ReserveBy, Settings, check_intake
 
 # Error bodies are quoted into reasons and logs; a few hundred characters say enough.
 ERROR_BODY_CHARS = 300
@@ -109,6 +115,146 @@ class Jackpot:
         if not isinstance(data, str) or not data.startswith(("http://", "https://")):
             raise PermanentError("Jackpot signed url: the answer holds no URL")
         return data
+
+
+class SessionRefused(PermanentError):
+    """`POST /v2/token` refused the signed JWT (4xx).
+
+    `assertion_used` says Jackpot named it already exchanged: a JWT that was kept and sent again
+    after a lost answer, so a session (and maybe a voucher) exists for it. Whatever Jackpot says,
+    a refused JWT that was sent before leaves the reservation's outcome unknown.
+    """
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"Jackpot token: HTTP {status}: {body[:ERROR_BODY_CHARS]}")
+        self.status = status
+        self.body = body
+        self.assertion_used = reserve.assertion_was_used(body)
+
+
+class SessionEnded(PermanentError):
+    """The reserve call answered 401: the session is used up (one reservation) or expired.
+
+    After a lost answer to an earlier reserve with the same token, that reservation may exist.
+    """
+
+
+class ReservationUnreadable(PermanentError):
+    """Jackpot said yes (2xx) but the answer is no voucher: one may exist, unknown which."""
+
+
+class JackpotSessions:
+    """Jackpot's client-session API: a one-time JWT, exchanged for a session that reserves once.
+
+    `assertion()` signs the JWT (keep it: sent again, it cannot open a second session);
+    `open_session()` exchanges it at `POST /v2/token`; `reserve()` reserves with the session.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        client_id: str,
+        api_signature: str,
+        reserve_by: ReserveBy = ReserveBy.VALUE,
+        confirm: ConfirmMode = ConfirmMode.API,
+        value_to_cents: int = 100,
+    ) -> None:
+        self.session = session
+        self.base_url = base_url
+        self.client_id = client_id
+        self._api_signature = api_signature
+        self.reserve_by = reserve_by
+        self.confirm = confirm
+        self.value_to_cents = value_to_cents
+
+    @classmethod
+    def from_settings(cls, session: aiohttp.ClientSession, settings: Settings) -> JackpotSessions:
+        """The client the settings describe; SettingsError names what the intake lacks."""
+        check_intake(settings)
+        assert settings.jackpot_api_signature is not None  # check_intake made sure
+        assert settings.jackpot_client_id is not None
+        return cls(
+            session,
+            settings.jackpot_api_url,
+            client_id=settings.jackpot_client_id,
+            api_signature=settings.jackpot_api_signature.get_secret_value(),
+            reserve_by=settings.jackpot_reserve_by,
+            confirm=settings.jackpot_confirm,
+            value_to_cents=settings.value_to_cents,
+        )
+
+    def units(self, amount_cents: int) -> Decimal:
+        """The amount in Jackpot's units; JackpotRefusal (amount not allowed) if not exact."""
+        try:
+            return reserve.cents_to_units(amount_cents, self.value_to_cents)
+        except ValueError as error:
+            raise JackpotRefusal(
+                RefusalKind.AMOUNT_NOT_ALLOWED, amount_cents, 0, str(error)
+            ) from error
+
+    def assertion(
+        self, *, amount_cents: int, notification_key: str, issued_at_s: int | None = None
+    ) -> str:
+        """The session JWT (HS256 with the API signature) for one sale's reservation."""
+        claims = reserve.session_claims(
+            amount_units=self.units(amount_cents),
+            notification_key=notification_key,
+            issued_at_s=int(time.time()) if issued_at_s is None else issued_at_s,
+            force_manual_confirm=self.confirm == ConfirmMode.API,
+        )
+        return jwt.encode(claims, self._api_signature, algorithm="HS256")
+
+    async def open_session(self, assertion: str) -> str:
+        """Exchange the JWT for a session token; SessionRefused on a 4xx."""
+        url = f"{self.base_url}/v2/token"
+        body = reserve.token_request(self.client_id, assertion)
+        headers = {"Accept": "application/json"}
+        async with call(
+            self.session, "Jackpot", "token", "POST", url, json=body, headers=headers
+        ) as r:
+            text = await r.text(errors="replace")
+            if r.status not in (200, 201):
+                raise SessionRefused(r.status, text)
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        token = reserve.token_from(answer)
+        if token is None:
+            raise PermanentError(
+                "Jackpot token: the answer holds no access_token, accessToken or token"
+            )
+        return token
+
+    async def reserve(self, token: str, *, offer: JackpotOffer, amount_cents: int) -> Voucher:
+        """Reserve a voucher of `amount_cents` at `offer` with the session; the RESERVED voucher.
+
+        JackpotRefusal (with the till's reason) on out of stock, no such offer, an amount not
+        allowed or any other 4xx; SessionEnded on 401; TransientError on 5xx, 429, timeouts.
+        """
+        units = self.units(amount_cents)
+        path = reserve.reserve_route(offer.store_id, offer.offer_id, self.reserve_by)
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        body = reserve.reserve_body(self.reserve_by, units)
+        url = f"{self.base_url}{path}"
+        async with call(
+            self.session, "Jackpot", "reserve", "POST", url, json=body, headers=headers
+        ) as r:
+            text = await r.text(errors="replace")
+            if r.status == 401:
+                raise SessionEnded(f"Jackpot reserve: HTTP 401: {text[:ERROR_BODY_CHARS]}")
+            if r.status not in (200, 201):
+                kind = reserve.classify_refusal(r.status, text)
+                raise JackpotRefusal(kind, amount_cents, r.status, text[:ERROR_BODY_CHARS])
+        try:
+            return Voucher.model_validate_json(text)
+        except ValidationError as error:
+            raise ReservationUnreadable(
+                f"Jackpot reserve: HTTP {r.status} but the answer is not a voucher "
+                f"({error.error_count()} problems)"
+            ) from error
 
 
 class Doshii:

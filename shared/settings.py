@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -20,6 +20,52 @@ class ConfirmMode(StrEnum):
 
     API = "api"  # PUT /v2/voucher/{id}/confirm from the reservations worker
     NOTIFICATION = "notification"  # the ingress's 200 to the RESERVED call is the agreement
+
+
+class ReserveBy(StrEnum):
+    """Which Jackpot reserve route the intake uses: the till's amount as value, or as budget."""
+
+    VALUE = "value"  # .../reserve-voucher-by-value {"value": N}: the voucher is worth N
+    PRICE = "price"  # .../reserve-voucher-by-price {"price": N}: the voucher costs N
+
+
+# A webhook token is a credential we choose when registering the webhook; as long as a key secret.
+MIN_WEBHOOK_TOKEN_CHARS = 16
+
+
+class JackpotOffer(NamedTuple):
+    """Where a voucher is reserved: a Jackpot store and one of its offers."""
+
+    store_id: str
+    offer_id: str
+
+
+def parse_webhook_auth(text: str) -> list[SecretStr]:
+    """`key:token[,key:token...]`, the Basic credentials Doshii's webhooks may carry."""
+    pairs = []
+    for part in _split_commas(text):
+        key, colon, token = part.partition(":")
+        if not colon or not key or not token:
+            raise ValueError(
+                "each entry must be `key:token` (authenticationKey:authenticationToken)"
+            )
+        if len(token) < MIN_WEBHOOK_TOKEN_CHARS:
+            raise ValueError(f"every token must be at least {MIN_WEBHOOK_TOKEN_CHARS} characters")
+        pairs.append(SecretStr(part))
+    return pairs
+
+
+def _parse_offers(text: str) -> dict[str, JackpotOffer]:
+    offers: dict[str, JackpotOffer] = {}
+    for part in _split_commas(text):
+        location, equals, target = part.partition("=")
+        store, colon, offer = target.partition(":")
+        if not equals or not colon or not location or not store or not offer:
+            raise ValueError(f"{part!r} is not `location=store:offer`")
+        if location in offers:
+            raise ValueError(f"location {location!r} is given twice")
+        offers[location] = JackpotOffer(store, offer)
+    return offers
 
 
 class PdfOrigin(tuple[str, str, int]):
@@ -95,6 +141,18 @@ class Settings(BaseSettings):
     doshii_client_secret: SecretStr
     partner_timeout_s: float = Field(10.0, gt=0, le=120)
 
+    # The till's side (issue 10). The ingress serves Doshii's webhook only when auth is set.
+    doshii_webhook_auth: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Reserving at Jackpot: only the intake worker needs these (`check_intake`).
+    jackpot_api_signature: SecretStr | None = None
+    jackpot_client_id: str | None = Field(None, min_length=1)
+    jackpot_reserve_by: ReserveBy = ReserveBy.VALUE
+    jackpot_store_id: str | None = Field(None, min_length=1)
+    jackpot_offer_id: str | None = Field(None, min_length=1)
+    jackpot_offers: Annotated[dict[str, JackpotOffer], NoDecode] = Field(default_factory=dict)
+    # Doshii retries its webhook for long; the till's customer waits two minutes at most.
+    intake_deadline_s: float = Field(120.0, gt=0, le=3600)
+
     # Vouchers and PDFs
     value_to_cents: int = Field(100, gt=0)
     # Where Jackpot's PDF links point is not documented: no default, the pdfs worker needs it.
@@ -143,6 +201,25 @@ class Settings(BaseSettings):
             return [v if isinstance(v, PdfOrigin) else PdfOrigin.parse(str(v)) for v in value]
         return value
 
+    @field_validator("doshii_webhook_auth", mode="before")
+    @classmethod
+    def _parse_webhook_auth(cls, value: Any) -> Any:
+        return parse_webhook_auth(value) if isinstance(value, str) else value
+
+    @field_validator("jackpot_offers", mode="before")
+    @classmethod
+    def _parse_jackpot_offers(cls, value: Any) -> Any:
+        return _parse_offers(value) if isinstance(value, str) else value
+
+    def offer_for(self, location_id: str) -> JackpotOffer | None:
+        """The store and offer to reserve at for a Doshii location: its own, else the default."""
+        offer = self.jackpot_offers.get(location_id)
+        if offer is not None:
+            return offer
+        if self.jackpot_store_id and self.jackpot_offer_id:
+            return JackpotOffer(self.jackpot_store_id, self.jackpot_offer_id)
+        return None
+
     @field_validator("retry_tiers_s", mode="before")
     @classmethod
     def _parse_tiers(cls, value: Any) -> Any:
@@ -182,6 +259,29 @@ def describe_errors(error: ValidationError) -> str:
         )
         lines.append(f"  {variable}: {message}")
     return "\n".join(lines)
+
+
+def check_intake(settings: Settings) -> None:
+    """Refuse to start the intake worker without what reserving at Jackpot needs."""
+    problems = []
+    if (
+        settings.jackpot_api_signature is None
+        or not settings.jackpot_api_signature.get_secret_value()
+    ):
+        problems.append("BRIDGE_JACKPOT_API_SIGNATURE: is missing; it signs Jackpot sessions")
+    if not settings.jackpot_client_id:
+        problems.append("BRIDGE_JACKPOT_CLIENT_ID: is missing; POST /v2/token needs it")
+    if bool(settings.jackpot_store_id) != bool(settings.jackpot_offer_id):
+        problems.append("BRIDGE_JACKPOT_STORE_ID, BRIDGE_JACKPOT_OFFER_ID: set both or neither")
+    elif not settings.jackpot_store_id and not settings.jackpot_offers:
+        problems.append(
+            "BRIDGE_JACKPOT_STORE_ID, BRIDGE_JACKPOT_OFFER_ID: are missing, and "
+            "BRIDGE_JACKPOT_OFFERS is empty; no store or offer to reserve at"
+        )
+    if problems:
+        raise SettingsError(
+            "\n".join(["voucher-bridge cannot start: bad settings", *(f"  {p}" for p in problems)])
+        )
 
 
 def load_settings(**overrides: Any) -> Settings:

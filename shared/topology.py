@@ -4,6 +4,7 @@
                         ─ voucher.ready    ─▶ <ns>.pdfs
                         ─ voucher.lifecycle▶ <ns>.lifecycle
                         ─ doshii.update    ─▶ <ns>.doshii
+                        ─ doshii.card_activate ▶ <ns>.intake  (the till's sale, from Doshii)
     <ns>.delay (headers, bridge-tier) ─▶ <ns>.delay.<N>s  (TTL N s, dead-letters to <ns>.retry)
     <ns>.retry (direct, key = work queue name) ─▶ that work queue
     <ns>.dead (fanout) ─▶ <ns>.dead   (explicit dead letters and x-delivery-limit overflow)
@@ -36,9 +37,11 @@ class Stage(StrEnum):
     PDFS = "pdfs"
     LIFECYCLE = "lifecycle"
     DOSHII = "doshii"
+    INTAKE = "intake"
 
 
 STAGE_ROUTES: dict[Stage, Route] = {
+    Stage.INTAKE: Route.CARD_ACTIVATE,
     Stage.RESERVATIONS: Route.RESERVED,
     Stage.PDFS: Route.READY,
     Stage.LIFECYCLE: Route.LIFECYCLE,

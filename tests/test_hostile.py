@@ -12,10 +12,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from ingress.app import NOTIFICATION_PATH, create_app
+from ingress.doshii import DOSHII_WEBHOOK_PATH
 from shared import logs
 from shared.service import start_site
 from shared.settings import Settings
 from shared.topology import Names, Stage
+from tests.support import sales
 from tests.support.pipeline import counting_server, running_pipeline
 from tests.support.report import add_row
 from tests.support.served import RunnerTestServer
@@ -238,3 +240,96 @@ async def test_no_secret_key_or_signed_link_reaches_the_logs(
     assert "signature=" not in captured
     assert "Bearer" not in captured
     add_row(TABLE, COLUMNS, ("secrets, keys, signed links in logs", len(secrets) + 2, "none found"))
+
+
+def _sale(**fields: object) -> bytes:
+    return sales.encode(sales.card_activate(**fields))  # type: ignore[arg-type]
+
+
+WEBHOOK_BODIES: dict[str, list[bytes]] = {
+    "webhook: oversized body": [_sale(pad="x" * 65 * 1024), _sale(pad="x" * 1024 * 1024)],
+    "webhook: deeply nested JSON": [
+        nested(10_000),
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"event": "card_activate", "data": ' + nested(5_000) + b"}",
+    ],
+    "webhook: invalid UTF-8": [b'{"event": "card_activate\xff"}', _sale()[:-2] + b'\xc3"}'],
+    "webhook: hostile amounts": [
+        _sale(amount="9" * 5000),
+        _sale(amount=10**400),
+        _sale(amount="1e3"),
+        _sale(amount=" 2500"),
+        _sale(amount="\uff12\uff15\uff10\uff10"),  # fullwidth digits
+        _sale(amount=None),
+    ],
+    "webhook: hostile ids": [
+        _sale(request_id="../../../webhooks"),
+        _sale(request_id="1354?x=1"),
+        _sale(request_id="x" * 10_000),
+        _sale(request_id="\uff11\uff13\uff15\uff14"),
+        _sale(location_id="aH43yx2\r\nX-Injected: 1"),
+    ],
+    "webhook: not an event": [b"null", b"42", b'"card_activate"', b"[]", b'{"event": []}'],
+}
+
+
+@pytest.fixture
+async def webhook_client(
+    aiohttp_client: Callable[[RunnerTestServer], Awaitable[Client]],
+    make_settings: Callable[..., Settings],
+    broker: Names,
+) -> Client:
+    settings = make_settings(spool_max_bytes=0, doshii_webhook_auth=sales.WEBHOOK_AUTH)
+    return await aiohttp_client(RunnerTestServer(create_app(settings)))
+
+
+@pytest.mark.parametrize("input_class", list(WEBHOOK_BODIES))
+async def test_hostile_webhooks_get_a_clear_4xx_and_nothing_is_published(
+    webhook_client: Client, channel: AbstractChannel, broker: Names, input_class: str
+) -> None:
+    statuses = []
+    for body in WEBHOOK_BODIES[input_class]:
+        response = await webhook_client.post(
+            DOSHII_WEBHOOK_PATH, data=io.BytesIO(body), headers=sales.basic()
+        )
+        answer = await response.json()
+        assert 400 <= response.status < 500, (input_class, body[:80], response.status)
+        assert answer["error"]
+        assert answer["detail"]
+        statuses.append(response.status)
+    assert await queued(channel, broker) == 0
+    add_row(
+        TABLE, COLUMNS, (input_class, len(statuses), f"{sorted(set(statuses))}, none published")
+    )
+
+
+async def test_forged_webhook_credentials_are_401(
+    webhook_client: Client, channel: AbstractChannel, broker: Names
+) -> None:
+    good = sales.basic()["Authorization"]
+    forged = [
+        sales.basic(sales.WEBHOOK_KEY, sales.WEBHOOK_TOKEN[:-1]),
+        sales.basic(sales.WEBHOOK_KEY, sales.WEBHOOK_TOKEN + "x"),
+        sales.basic(sales.WEBHOOK_KEY.upper(), sales.WEBHOOK_TOKEN),
+        sales.basic(sales.WEBHOOK_KEY, sales.OLD_WEBHOOK_TOKEN),
+        sales.basic("", ""),
+        {"Authorization": good.lower()},
+        {"Authorization": good + "=="},
+        {"Authorization": "Basic " + "\u00e9" * 20},
+        {"Authorization": "Digest username=doshii"},
+        {},
+    ]
+    for headers in forged:
+        response = await webhook_client.post(
+            DOSHII_WEBHOOK_PATH,
+            data=_sale(),
+            headers={"Content-Type": "application/json", **headers},
+        )
+        assert response.status == 401, headers
+        assert "WWW-Authenticate" in response.headers
+    assert await queued(channel, broker) == 0
+    add_row(
+        TABLE,
+        COLUMNS,
+        ("webhook: forged or altered Basic credentials", len(forged), "[401], none published"),
+    )

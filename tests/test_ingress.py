@@ -315,6 +315,7 @@ async def test_health_ready_metrics_and_openapi(client: Client) -> None:
     document = await (await client.get("/openapi.json")).json()
     assert set(document["paths"]) == {
         NOTIFICATION_PATH,
+        "/notifications/doshii",
         "/healthz",
         "/readyz",
         "/metrics",

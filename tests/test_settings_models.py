@@ -45,6 +45,11 @@ def test_missing_variables_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
         ("BRIDGE_KEY_SECRETS", "short"),
         ("BRIDGE_NAMESPACE", "bad name!"),
         ("BRIDGE_VALUE_TO_CENTS", "0"),
+        ("BRIDGE_DOSHII_WEBHOOK_AUTH", "key-without-token"),
+        ("BRIDGE_DOSHII_WEBHOOK_AUTH", "key:short"),
+        ("BRIDGE_JACKPOT_RESERVE_BY", "budget"),
+        ("BRIDGE_JACKPOT_OFFERS", "loc1=store-without-offer"),
+        ("BRIDGE_INTAKE_DEADLINE_S", "0"),
     ],
 )
 def test_bad_value_is_named(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:

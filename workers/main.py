@@ -65,7 +65,8 @@ def check_settings(settings: Settings, role: str) -> None:
 
 
 def handlers(deps: Deps, stages: list[Stage]) -> dict[Stage, Handler]:
-    return {stage: HANDLER_FACTORIES[stage](deps) for stage in stages}
+    # A stage whose worker is not in this build (intake, issue 10) keeps its queue for it.
+    return {stage: HANDLER_FACTORIES[stage](deps) for stage in stages if stage in HANDLER_FACTORIES}
 
 
 async def _readyz(request: web.Request) -> web.Response:

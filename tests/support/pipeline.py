@@ -138,8 +138,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if value is None:
             continue
-        if name in ("key_secrets",):
+        if name in ("key_secrets", "doshii_webhook_auth"):
             text = ",".join(s.get_secret_value() for s in value)
+        elif name == "jackpot_offers":
+            text = ",".join(f"{loc}={store}:{offer}" for loc, (store, offer) in value.items())
         elif name == "pdf_hosts":
             text = ",".join(f"{o[0]}://{o[1]}:{o[2]}" for o in value)
         elif name == "retry_tiers_s":
