@@ -29,6 +29,8 @@ STOP_TIMEOUT_S = 30.0
 TOP_SPOTS = 8
 PERCENT = 100.0
 PROJECT_PACKAGES = frozenset({"ingress", "workers", "shared", "sandbox", "bench"})
+# The pipeline benchmark's FastStream peer is one module; its functions are ranked like ours.
+PEER_MODULES = frozenset({"faststream_pipeline"})
 # A project function on at least this share of the samples is an entry point (main, run, the
 # thread's target): on every stack, so it says nothing about where the time goes.
 ENTRY_SHARE_PERCENT = 95.0
@@ -150,8 +152,9 @@ def self_by_package(stacks: Sequence[Stack], top: int = TOP_SPOTS) -> list[HotSp
 
 
 def is_project_frame(frame: str) -> bool:
-    """Whether the frame is in the project's own code."""
-    return package_of(frame_file(frame)) in PROJECT_PACKAGES
+    """Whether the frame is in the project's own code, or in the peer's module."""
+    package = package_of(frame_file(frame))
+    return package in PROJECT_PACKAGES or package in PEER_MODULES
 
 
 def inclusive_by_function(

@@ -25,6 +25,7 @@ from bench.pipeline_compare import (
 )
 from bench.pipeline_stats import Figures, parse_subjects, peer_dead_letter
 from bench.procstat import CLOCK_TICKS_PER_S
+from bench.pyspy import inclusive_by_function, parse_folded
 
 TOTAL = "ingress + workers"
 ROWS = ("ingress", TOTAL)
@@ -231,3 +232,16 @@ def test_config_reads_rounds_subjects_and_the_anchors_folder(tmp_path: Path) -> 
     # The peer's script is needed only when the peer runs.
     alone = pipeline.Config.from_env({**empty, "BENCH_PIPELINE_SUBJECTS": "bridge"})
     assert alone.subjects == (BRIDGE,)
+
+
+def test_the_peers_own_functions_are_ranked_in_its_profile() -> None:
+    stacks = parse_folded(
+        "run (asyncio/runners.py:1);handle (faststream_pipeline.py:380);"
+        "pdfs (faststream_pipeline.py:320);read (aiohttp/client.py:5) 3\n"
+        "run (asyncio/runners.py:1);consume (faststream/rabbit.py:9) 1\n"
+    )
+    inclusive = {s.name: s.samples for s in inclusive_by_function(stacks)}
+    assert inclusive == {
+        "handle (faststream_pipeline.py)": 3,
+        "pdfs (faststream_pipeline.py)": 3,
+    }
