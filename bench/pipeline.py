@@ -55,7 +55,9 @@ from bench.broker import BrokerAdmin
 from bench.deps import Requirement
 from bench.machine import Machine, describe
 from bench.pipeline_compare import (
+    BASELINE,
     BRIDGE,
+    KNOWN_SUBJECTS,
     PEER,
     RATE,
     SUBJECTS,
@@ -67,6 +69,7 @@ from bench.pipeline_compare import (
     fmt,
     headline_headers,
     headline_rows,
+    ratio_headers,
     round_rows,
     summarize,
 )
@@ -108,6 +111,7 @@ DEFAULT_ANCHORS_DIR = REPO.parent / "shared" / "anchors"
 PEER_SCRIPT = "faststream_pipeline.py"
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "pipeline-latest.md"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+BROKER_PORT = 5672  # the port of AMQP_URL: its beam.smp is the broker whose CPU is read
 LOOPBACK = "127.0.0.1"
 NAMESPACE_PREFIX = "bench-pipe-"
 NAMESPACE_RANDOM_BYTES = 4
@@ -185,17 +189,30 @@ class Config:
     rate_duration_s: int
     warmup: int
     anchors_dir: Path
+    baseline_dir: Path | None
     pyspy_dir: Path | None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
         """BENCH_PIPELINE_ROUNDS, _SUBJECTS, _VOUCHERS, _IN_FLIGHT, _RATE, _RATE_S, _WARMUP,
-        _PYSPY and BENCH_ANCHORS_DIR; exit if bad."""
+        _BASELINE, _PYSPY and BENCH_ANCHORS_DIR; exit if bad."""
         pyspy_dir = env.get("BENCH_PIPELINE_PYSPY", "").strip()
-        subjects = parse_subjects(env.get("BENCH_PIPELINE_SUBJECTS", ",".join(SUBJECTS)), SUBJECTS)
+        baseline = env.get("BENCH_PIPELINE_BASELINE", "").strip()
+        baseline_dir = Path(baseline).resolve() if baseline else None
+        default = (PEER, BASELINE, BRIDGE) if baseline_dir else SUBJECTS
+        subjects = parse_subjects(
+            env.get("BENCH_PIPELINE_SUBJECTS", ",".join(default)), KNOWN_SUBJECTS
+        )
         anchors_dir = Path(env.get("BENCH_ANCHORS_DIR", str(DEFAULT_ANCHORS_DIR))).resolve()
         if PEER in subjects and not (anchors_dir / PEER_SCRIPT).is_file():
             raise SystemExit(f"{anchors_dir} lacks {PEER_SCRIPT} (set BENCH_ANCHORS_DIR)")
+        if BASELINE in subjects and (
+            baseline_dir is None or not (baseline_dir / "bridge" / "cli.py").is_file()
+        ):
+            raise SystemExit(
+                "the baseline subject needs BENCH_PIPELINE_BASELINE, a voucher-bridge checkout "
+                f"(with bridge/cli.py), not {baseline!r}"
+            )
         return cls(
             rounds=positive_int(env, "BENCH_PIPELINE_ROUNDS", DEFAULT_ROUNDS),
             subjects=subjects,
@@ -205,6 +222,7 @@ class Config:
             rate_duration_s=positive_int(env, "BENCH_PIPELINE_RATE_S", DEFAULT_RATE_DURATION_S),
             warmup=non_negative_int(env, "BENCH_PIPELINE_WARMUP", DEFAULT_WARMUP_VOUCHERS),
             anchors_dir=anchors_dir,
+            baseline_dir=baseline_dir,
             pyspy_dir=Path(pyspy_dir).resolve() if pyspy_dir else None,
         )
 
@@ -449,7 +467,14 @@ class Subject:
     """One implementation under test: its ingress and four workers, each its own process."""
 
     def __init__(
-        self, name: str, workdir: Path, values: Mapping[str, str], argv: Callable[..., list[str]]
+        self,
+        name: str,
+        workdir: Path,
+        values: Mapping[str, str],
+        argv: Callable[[str], list[str]],
+        *,
+        cwd: Path = REPO,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         ingress_port = servers.free_port()
@@ -459,7 +484,7 @@ class Subject:
             "pdf_dir": str(workdir / name / "pdfs"),
             "spool_dir": str(workdir / name / "spool"),
         }
-        self.env = {**os.environ, **as_env(self.values)}
+        self.env = {**os.environ, **(extra_env or {}), **as_env(self.values)}
         logs = workdir / name
         logs.mkdir(parents=True, exist_ok=True)
         self.servers = [
@@ -470,7 +495,7 @@ class Subject:
                 port=ingress_port,
                 log_path=logs / "ingress.log",
                 probe=Probe.READYZ,
-                cwd=REPO,
+                cwd=cwd,
             )
         ]
         for role, process_name in zip(WORKER_ROLES, WORKERS, strict=True):
@@ -497,16 +522,35 @@ class Subject:
         raise NotImplementedError
 
 
-class BridgeSubject(Subject):
-    """voucher-bridge: `bridge ingress`, `bridge worker ROLE`; dead letters in `<ns>.dead`."""
+def _bridge_args(role: str) -> list[str]:
+    return [role] if role == INGRESS else ["worker", role]
 
-    def __init__(self, workdir: Path, values: Mapping[str, str], admin: BrokerAdmin) -> None:
-        super().__init__(
-            BRIDGE,
-            workdir,
-            values,
-            lambda role: bridge_argv(role) if role == INGRESS else bridge_argv("worker", role),
-        )
+
+class BridgeSubject(Subject):
+    """voucher-bridge: `bridge ingress`, `bridge worker ROLE`; dead letters in `<ns>.dead`.
+
+    With `checkout`, the `baseline` subject: `python -m bridge` from that folder (PYTHONPATH
+    and working directory), in a namespace of its own, `<ns>-base`.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        values: Mapping[str, str],
+        admin: BrokerAdmin,
+        checkout: Path | None = None,
+    ) -> None:
+        if checkout is None:
+            super().__init__(BRIDGE, workdir, values, lambda role: bridge_argv(*_bridge_args(role)))
+        else:
+            super().__init__(
+                BASELINE,
+                workdir,
+                {**values, "namespace": f"{values['namespace']}-base"},
+                lambda role: [sys.executable, "-m", "bridge", *_bridge_args(role)],
+                cwd=checkout,
+                extra_env={"PYTHONPATH": str(checkout)},
+            )
         self.settings = load_settings(**self.values)
         self._admin = admin
 
@@ -517,7 +561,7 @@ class BridgeSubject(Subject):
         except (aio_pika.exceptions.AMQPError, OSError) as error:
             raise PipelineError(f"cannot read the dead queue: {error}") from error
         for letter in letters:
-            print(f"  {BRIDGE} dead letter {letter.message_id}: {letter.reason}", flush=True)
+            print(f"  {self.name} dead letter {letter.message_id}: {letter.reason}", flush=True)
         return {letter.voucher_id for letter in letters}
 
     async def cleanup(self) -> None:
@@ -597,11 +641,13 @@ class PipelineBench:
         for name in config.subjects:
             if name == BRIDGE:
                 made[name] = BridgeSubject(workdir, values, admin)
+            elif name == BASELINE:
+                made[name] = BridgeSubject(workdir, values, admin, config.baseline_dir)
             else:
                 made[name] = PeerSubject(workdir, values, admin, config.anchors_dir)
         self.subjects = [made[name] for name in config.subjects]
         self.settings = load_settings(**values, pdf_dir=str(workdir), spool_dir=str(workdir))
-        self.broker_pids = procstat.pids_named(procstat.BROKER_COMM)
+        self.broker_pids = procstat.broker_pids(BROKER_PORT)
 
     async def start(self, stack: AsyncExitStack) -> None:
         """Start every subject's processes (each stopped by `stack`), then wait until all are
@@ -848,8 +894,7 @@ def outcome(runs: Sequence[PhaseRun], config: Config) -> Outcome:
 
 def _sections(result: Outcome, cores: int) -> list[tuple[str, Sequence[str], list[list[str]]]]:
     names = [s.subject for s in result.summaries]
-    ratio = ["bridge / peer"] if {BRIDGE, PEER} <= set(names) else []
-    cpu_headers = ("CPU ms per voucher, median", *names, *ratio)
+    cpu_headers = ("CPU ms per voucher, median", *names, *ratio_headers(result.summaries))
     return [
         (
             "Medians (READY answered 200 -> Doshii request activated at the fixed rate)",
@@ -911,12 +956,21 @@ def render_markdown(
         f"doshii`; peer: `python {PEER_SCRIPT} ingress|reservations|pdfs|lifecycle|doshii`; each "
         "its own process, all started once; the load driver (Jackpot and the POS) is one more "
         "process, hosting both sandboxes in a thread of their own; RabbitMQ's `beam.smp`.",
+        *(
+            [
+                f"- baseline: `python -m bridge ...` from {config.baseline_dir} "
+                "(BENCH_PIPELINE_BASELINE), namespace `<ns>-base`."
+            ]
+            if BASELINE in config.subjects
+            else []
+        ),
         "- vouchers/s: activated vouchers / (first RESERVED sent -> last activation). "
         "Latency: the driver's clock when READY got its 200 -> the Doshii record's "
         "`updatedAt` when the activation was applied (same clock, millisecond resolution).",
         "- CPU: utime+stime from /proc/PID/stat around each phase (the sandbox thread from "
         "/proc/PID/task/TID/stat, the driver is its process minus that thread); broker CPU is "
-        "every `beam.smp`, so anything else using RabbitMQ meanwhile counts too. Medians are "
+        "the `beam.smp` serving 127.0.0.1:5672 (other RabbitMQ nodes on the machine are not "
+        "ours), so anything else using that broker meanwhile counts too. Medians are "
         "taken per row over the rounds, so a total's median need not be the sum of its rows'.",
         "",
     ]

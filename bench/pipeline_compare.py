@@ -1,9 +1,10 @@
 """The pipeline benchmark's side-by-side part: medians per subject, ratios, the issue's targets.
 
 A subject is one implementation of the whole job run as its own processes: `bridge` (this
-project) or `peer` (the FastStream peer of `../shared/anchors`). Each round measures every
-subject once with the same driver and load; this module turns those measurements into medians,
-ratios bridge / peer and the targets' verdicts. Everything here is free of I/O.
+project), `peer` (the FastStream peer of `../shared/anchors`) or `baseline` (voucher-bridge from
+another checkout, to measure a change old against new). Each round measures every subject once
+with the same driver and load; this module turns those measurements into medians, ratios of
+bridge to each other subject, and the targets' verdicts. Everything here is free of I/O.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from bench.report import Target
 
 BRIDGE = "bridge"
 PEER = "peer"
+BASELINE = "baseline"
 SUBJECTS = (PEER, BRIDGE)  # the default order within a round
+KNOWN_SUBJECTS = (PEER, BASELINE, BRIDGE)
 THROUGHPUT = "throughput"
 RATE = "rate"
 # The issue's targets, bridge against peer on medians of one run.
@@ -123,17 +126,35 @@ def times(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
 
+def _others(summaries: Sequence[SubjectSummary]) -> list[SubjectSummary]:
+    """The subjects bridge is divided by: every other one, when bridge ran."""
+    if BRIDGE not in by_subject(summaries):
+        return []
+    return [s for s in summaries if s.subject != BRIDGE]
+
+
+def ratio_headers(summaries: Sequence[SubjectSummary]) -> list[str]:
+    """`bridge / peer`, `bridge / baseline`: one ratio column per other subject."""
+    return [f"{BRIDGE} / {other.subject}" for other in _others(summaries)]
+
+
+def _ratio_cells(
+    summaries: Sequence[SubjectSummary], value: Callable[[SubjectSummary], float]
+) -> list[str]:
+    others = _others(summaries)
+    if not others:
+        return []
+    bridge = by_subject(summaries)[BRIDGE]
+    return [times(ratio(value(bridge), value(other))) for other in others]
+
+
 def headline_headers(summaries: Sequence[SubjectSummary]) -> tuple[str, ...]:
-    """`median`, one column per subject, then `bridge / peer` when both ran."""
-    names = [s.subject for s in summaries]
-    ratio_column = ("bridge / peer",) if {BRIDGE, PEER} <= set(names) else ()
-    return ("median", *names, *ratio_column)
+    """`median`, one column per subject, then bridge's ratio to each other subject."""
+    return ("median", *(s.subject for s in summaries), *ratio_headers(summaries))
 
 
 def headline_rows(summaries: Sequence[SubjectSummary], total_row: str) -> list[list[str]]:
     """The issue's figures side by side: vouchers/s, p50 and p99 at the fixed rate, CPU/voucher."""
-    subjects = by_subject(summaries)
-    both = BRIDGE in subjects and PEER in subjects
     lines: list[tuple[str, Callable[[SubjectSummary], float], int]] = [
         ("vouchers/s (closed loop)", lambda s: s.per_s, 1),
         ("READY -> activated p50 ms (fixed rate)", lambda s: s.p50_ms, 1),
@@ -141,13 +162,10 @@ def headline_rows(summaries: Sequence[SubjectSummary], total_row: str) -> list[l
         (f"CPU ms per voucher, {total_row} (closed loop)", lambda s: s.cpu_ms[total_row], 2),
         (f"CPU ms per voucher, {total_row} (fixed rate)", lambda s: s.rate_cpu_ms[total_row], 2),
     ]
-    rows = []
-    for label, value, digits in lines:
-        cells = [fmt(value(s), digits) for s in summaries]
-        if both:
-            cells.append(times(ratio(value(subjects[BRIDGE]), value(subjects[PEER]))))
-        rows.append([label, *cells])
-    return rows
+    return [
+        [label, *(fmt(value(s), digits) for s in summaries), *_ratio_cells(summaries, value)]
+        for label, value, digits in lines
+    ]
 
 
 def cpu_rows(
@@ -155,15 +173,15 @@ def cpu_rows(
     rows: Sequence[str],
     pick: Callable[[SubjectSummary], Mapping[str, float]],
 ) -> list[list[str]]:
-    """One line per process (and total), one column per subject, then bridge / peer."""
-    subjects = by_subject(summaries)
-    both = BRIDGE in subjects and PEER in subjects
+    """One line per process (and total), one column per subject, then bridge's ratios."""
     lines = []
     for row in rows:
-        cells = [fmt(pick(s)[row], 2) for s in summaries]
-        if both:
-            cells.append(times(ratio(pick(subjects[BRIDGE])[row], pick(subjects[PEER])[row])))
-        lines.append([row, *cells])
+
+        def value(s: SubjectSummary, row: str = row) -> float:
+            return pick(s)[row]
+
+        cells = [fmt(value(s), 2) for s in summaries]
+        lines.append([row, *cells, *_ratio_cells(summaries, value)])
     return lines
 
 

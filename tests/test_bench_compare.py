@@ -9,6 +9,7 @@ import pytest
 
 from bench import pipeline
 from bench.pipeline_compare import (
+    BASELINE,
     BRIDGE,
     PEER,
     RATE,
@@ -245,3 +246,38 @@ def test_the_peers_own_functions_are_ranked_in_its_profile() -> None:
         "handle (faststream_pipeline.py)": 3,
         "pdfs (faststream_pipeline.py)": 3,
     }
+
+
+def test_bridge_is_divided_by_every_other_subject() -> None:
+    runs = _three_rounds()
+    runs += [
+        Measured(
+            BASELINE, m.round_number, m.phase, m.figures, {k: v * 2 for k, v in m.cpu_ms.items()}
+        )
+        for m in runs
+        if m.subject == BRIDGE
+    ]
+    summaries = summarize(runs, (PEER, BASELINE, BRIDGE), ROWS)
+    assert headline_headers(summaries) == (
+        "median", PEER, BASELINE, BRIDGE, "bridge / peer", "bridge / baseline",
+    )  # fmt: skip
+    cpu = cpu_rows(summaries, ROWS, lambda s: s.cpu_ms)
+    assert cpu[1] == [TOTAL, "6.00", "6.00", "3.00", "0.50x", "0.50x"]
+    # The targets stay bridge against the peer.
+    assert len(comparison_targets(summaries, TOTAL, 100)) == 4
+
+
+def test_the_baseline_needs_a_checkout(tmp_path: Path) -> None:
+    env = {"BENCH_PIPELINE_SUBJECTS": "baseline,bridge"}
+    with pytest.raises(SystemExit, match="BENCH_PIPELINE_BASELINE"):
+        pipeline.Config.from_env(env)
+    (tmp_path / "bridge").mkdir()
+    (tmp_path / "bridge" / "cli.py").write_text("")
+    config = pipeline.Config.from_env({**env, "BENCH_PIPELINE_BASELINE": str(tmp_path)})
+    assert (config.subjects, config.baseline_dir) == ((BASELINE, BRIDGE), tmp_path.resolve())
+    # Named, the baseline joins the default subjects, between the peer and the bridge.
+    anchors = tmp_path / "anchors"
+    anchors.mkdir()
+    (anchors / pipeline.PEER_SCRIPT).write_text("")
+    env = {"BENCH_PIPELINE_BASELINE": str(tmp_path), "BENCH_ANCHORS_DIR": str(anchors)}
+    assert pipeline.Config.from_env(env).subjects == (PEER, BASELINE, BRIDGE)
