@@ -76,6 +76,7 @@ from bench.pipeline_compare import (
 from bench.pipeline_compare import ROUND_HEADERS as ROUND_TABLE_HEADERS
 from bench.pipeline_compare import cpu_rows as compare_cpu_rows
 from bench.pipeline_stats import (
+    US_PER_MS,
     Figures,
     Trace,
     ceiling_per_s,
@@ -736,18 +737,11 @@ class PipelineBench:
         return recorders
 
     @staticmethod
-    async def _stop_profiles(subject: Subject, recorders: Sequence[pyspy.Recorder]) -> list[str]:
+    async def _stop_profiles(
+        recorders: Sequence[pyspy.Recorder],
+    ) -> list[tuple[pyspy.Recorder, list[pyspy.Stack]]]:
         profiles = await asyncio.gather(*(recorder.stop() for recorder in recorders))
-        lines: list[str] = []
-        for recorder, stacks in zip(recorders, profiles, strict=True):
-            if not recorder.threads:
-                title = f"{subject.name} {recorder.name} (pid {recorder.pid})"
-                lines += pyspy.summary(title, stacks)
-                continue
-            for thread, part in pyspy.split_threads(stacks).items():
-                name = DRIVER_THREADS.get(thread, f"{recorder.name}, thread {thread}")
-                lines += pyspy.summary(f"{name} (pid {recorder.pid})", part)
-        return lines
+        return list(zip(recorders, profiles, strict=True))
 
     async def measure(
         self,
@@ -780,10 +774,37 @@ class PipelineBench:
         run.cpu_ticks = cpu_deltas(before, self.cpu_snapshot(subject))
         run.refusals = dict(driver.refusals)
         run.spooled = driver.spooled
-        if recorders:
-            run.profile = await self._stop_profiles(subject, recorders)
+        profiles = await self._stop_profiles(recorders) if recorders else []
         await asyncio.sleep(SETTLE_S)
         run.figures = figures(run.traces, await subject.dead_voucher_ids())
+        if profiles:
+            run.profile = profile_lines(subject.name, profiles, run)
+
+
+def profile_lines(
+    subject: str,
+    profiles: Sequence[tuple[pyspy.Recorder, Sequence[pyspy.Stack]]],
+    run: PhaseRun,
+) -> list[str]:
+    """Hot spots of each recorded process, shares also as µs per voucher of the phase."""
+
+    def us_per_voucher(name: str) -> float:
+        return cpu_ms_per_voucher(run.cpu_ticks.get(name, 0), run.result.sent) * US_PER_MS
+
+    lines: list[str] = []
+    for recorder, stacks in profiles:
+        if not recorder.threads:
+            title = f"{subject} {recorder.name} (pid {recorder.pid})"
+            lines += pyspy.summary(title, stacks, us_per_voucher=us_per_voucher(recorder.name))
+            continue
+        for thread, part in pyspy.split_threads(stacks).items():
+            name = DRIVER_THREADS.get(thread)
+            if name is None:
+                title, cost = f"{recorder.name}, thread {thread} (pid {recorder.pid})", None
+            else:
+                title, cost = f"{name} (pid {recorder.pid})", us_per_voucher(name)
+            lines += pyspy.summary(title, part, us_per_voucher=cost)
+    return lines
 
 
 def with_totals(ticks: Mapping[str, int]) -> dict[str, int]:

@@ -26,7 +26,7 @@ from bench.pipeline_compare import (
 )
 from bench.pipeline_stats import Figures, parse_subjects, peer_dead_letter
 from bench.procstat import CLOCK_TICKS_PER_S
-from bench.pyspy import inclusive_by_function, parse_folded
+from bench.pyspy import Recorder, inclusive_by_function, parse_folded, summary
 
 TOTAL = "ingress + workers"
 ROWS = ("ingress", TOTAL)
@@ -281,3 +281,31 @@ def test_the_baseline_needs_a_checkout(tmp_path: Path) -> None:
     (anchors / pipeline.PEER_SCRIPT).write_text("")
     env = {"BENCH_PIPELINE_BASELINE": str(tmp_path), "BENCH_ANCHORS_DIR": str(anchors)}
     assert pipeline.Config.from_env(env).subjects == (PEER, BASELINE, BRIDGE)
+
+
+def test_hot_spots_read_as_microseconds_per_voucher(tmp_path: Path) -> None:
+    stacks = parse_folded(
+        "main (bridge/cli.py:1);handle (workers/pdfs.py:9);put (shared/partners.py:5) 3\n"
+        "main (bridge/cli.py:1);handle (workers/pdfs.py:9);dumps (json/__init__.py:2) 1\n"
+    )
+    lines = summary("worker pdfs", stacks, top=1, us_per_voucher=2000.0)
+    assert lines[0] == "worker pdfs: 4 samples, 2,000 µs of CPU per voucher"
+    assert lines[2] == "     75.0 %   1,500 µs  put (shared/partners.py:5)"
+    assert summary("worker pdfs", stacks, top=1)[2] == "     75.0 %  put (shared/partners.py:5)"
+    # The phase's CPU per voucher of the recorded process scales its shares.
+    run = pipeline.PhaseRun(
+        subject=BRIDGE,
+        round_number=1,
+        phase=THROUGHPUT,
+        name="throughput",
+        traces=[],
+        cpu_ticks={"worker pdfs": CLOCK_TICKS_PER_S},  # one second over 500 vouchers: 2 ms
+        wall_s=1.0,
+        offered_per_s=None,
+        refusals={},
+        spooled=0,
+        figures=_figures(sent=500),
+    )
+    recorder = Recorder("worker pdfs", 7, tmp_path / "pdfs.txt")
+    lines = pipeline.profile_lines(BRIDGE, [(recorder, stacks)], run)
+    assert lines[0] == "bridge worker pdfs (pid 7): 4 samples, 2,000 µs of CPU per voucher"
