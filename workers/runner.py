@@ -35,9 +35,8 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from shared import envelope, metrics, topology
-from shared.broker import Outgoing, connect, connection_name, send
+from shared.broker import Outgoing, connect, connection_name
 from shared.errors import PermanentError, TransientError
-from shared.publisher import ConfirmedPublisher
 from shared.settings import Settings
 from shared.topology import Names, Stage
 
@@ -51,8 +50,6 @@ QUICK_FIRST_WAIT_S = 0.1
 # A Retry-After longer than this is waited out in a delay tier, not in process.
 QUICK_RETRY_AFTER_MAX_S = 3.0
 RECONNECT_MAX_DELAY_S = 5.0
-# The follow-up publisher's heartbeat: a dead connection shows within two intervals.
-PUBLISHER_HEARTBEAT_S = 10
 # Drain mode calls the queues empty after this many consecutive empty looks, this far apart.
 DRAIN_CHECKS = 3
 DRAIN_CHECK_INTERVAL_S = 0.1
@@ -141,7 +138,6 @@ class StageRunner:
     handler: Handler
     settings: Settings
     names: Names
-    publisher: ConfirmedPublisher
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     channel: AbstractChannel | None = None
 
@@ -281,7 +277,7 @@ class StageRunner:
             await self._dead_letter(message, incoming, result.detail or "")
         else:
             for outgoing in result.emit:
-                await self.emit(outgoing)
+                await self.publish(outgoing)
         await message.ack()
         return kind
 
@@ -333,23 +329,8 @@ class StageRunner:
             content_type=message.content_type,
         )
 
-    async def emit(self, outgoing: Outgoing) -> None:
-        """Publish a handler's follow-up on the lean confirmed publisher; returns once confirmed.
-
-        aio-pika's publish path costs several times the lean publisher's CPU per message. A
-        follow-up's headers are the few plain values the workers set, which the lean encoder
-        takes; delay and dead-letter republishes carry whatever the delivery had (x-death
-        tables among them) and stay on the consuming channel. Right after a reconnect the
-        publisher may still be connecting: wait for it (bounded) rather than requeue the
-        delivery at once, so a short outage does not use up the queue's delivery limit.
-        """
-        if not self.publisher.ready:
-            # If it is still not ready, the publish below raises: the delivery is requeued.
-            await self.publisher.wait_ready(self.settings.publish_timeout_s)
-        await send(self.publisher, outgoing)
-
     async def publish(self, outgoing: Outgoing, content_type: str | None = None) -> None:
-        """Publish persistent and mandatory on the consuming channel; returns once confirmed."""
+        """Publish persistent and mandatory; returns only once the broker confirmed."""
         assert self.channel is not None
         exchange = await self.channel.get_exchange(outgoing.exchange, ensure=False)
         await exchange.publish(
@@ -389,34 +370,18 @@ class Runner:
     """Runs stage runners on one connection, reconnecting with consumers back after a loss."""
 
     def __init__(
-        self,
-        settings: Settings,
-        handlers: Mapping[Stage, Handler],
-        *,
-        role: str = "worker",
-        publisher: ConfirmedPublisher | None = None,
+        self, settings: Settings, handlers: Mapping[Stage, Handler], *, role: str = "worker"
     ) -> None:
         self.settings = settings
         self.names = Names(settings.namespace)
         self.role = role
-        # Handlers' follow-ups go out on a connection of their own, with the ingress's lean
-        # confirmed publisher; consuming, acks and republishes stay on aio-pika.
-        self.publisher = publisher or ConfirmedPublisher(
-            settings.amqp_url.get_secret_value(),
-            confirm_timeout_s=settings.publish_timeout_s,
-            connection_name=connection_name(f"{role} publisher"),
-            heartbeat_s=PUBLISHER_HEARTBEAT_S,
-        )
-        self.stages = [
-            StageRunner(s, h, settings, self.names, self.publisher) for s, h in handlers.items()
-        ]
+        self.stages = [StageRunner(s, h, settings, self.names) for s, h in handlers.items()]
         self.connected = asyncio.Event()
         self.connection: AbstractConnection | None = None
 
     @property
     def ready(self) -> bool:
-        connected = self.connection is not None and not self.connection.is_closed
-        return connected and self.publisher.ready
+        return self.connection is not None and not self.connection.is_closed
 
     @property
     def in_flight(self) -> int:
@@ -439,7 +404,6 @@ class Runner:
         """Consume until `stop` is set (or, with drain, until the queues are empty)."""
         delay_s = 0.1
         stopping = asyncio.ensure_future(stop.wait())
-        await self.publisher.start()  # connects now, or keeps trying in the background
         try:
             while not stop.is_set():
                 try:
@@ -477,8 +441,6 @@ class Runner:
                 return
         finally:
             stopping.cancel()
-            # After the in-flight deliveries settled: their follow-ups are confirmed by now.
-            await self.publisher.close()
 
     async def _closed(self, connection: AbstractConnection) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
