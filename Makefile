@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: install lint format typecheck test pytest bench demo chaos broker postgres db-upgrade clean
 
@@ -13,6 +14,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The benchmarks' extra: the FastStream peers they run beside the project, and py-spy.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
 
 broker:
 	./scripts/ensure-broker.sh
@@ -39,7 +45,7 @@ pytest: install broker postgres
 
 test: lint typecheck pytest
 
-bench: install broker postgres
+bench: $(BENCH_STAMP) broker postgres
 	./scripts/ensure-wrk.sh
 	$(BIN)/python -m bench
 

@@ -34,8 +34,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ),
     Benchmark(
         name="pipeline",
-        description="vouchers end to end: ingress, broker, every worker, the sandboxes",
+        description="vouchers end to end, voucher-bridge and the FastStream peer in turns",
         main=pipeline.main,
+        requirements=pipeline.REQUIREMENTS,
     ),
 )
 

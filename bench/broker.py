@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import aio_pika
 import aio_pika.exceptions
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from shared import topology
 
@@ -64,6 +64,26 @@ class BrokerAdmin:
         for queue in queues:
             total += await self.purge(queue)
         return total
+
+    async def peek(self, queue: str) -> list[AbstractIncomingMessage]:
+        """Every message in `queue`, left there: taken unacked, then their channel is closed."""
+        channel = await self._connection.channel()
+        try:
+            try:
+                declared = await channel.declare_queue(
+                    queue, passive=True, timeout=BROKER_OP_TIMEOUT_S
+                )
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                return []
+            taken: list[AbstractIncomingMessage] = []
+            while (
+                message := await declared.get(no_ack=False, fail=False, timeout=BROKER_OP_TIMEOUT_S)
+            ) is not None:
+                taken.append(message)
+            return taken
+        finally:
+            if not channel.is_closed:
+                await channel.close()  # the unacked messages go back to the queue
 
     async def delete_namespace(self, namespace: str, *, tiers_s: Sequence[int]) -> None:
         """Delete every exchange and queue of the project's `namespace`."""

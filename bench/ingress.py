@@ -43,6 +43,7 @@ DEFAULT_ANCHORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "anchors"
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "ingress-latest.md"
 # The reference servers hard-code this broker; the ingress is pointed at the same one.
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+BROKER_PORT = 5672  # the port of AMQP_URL: its beam.smp is the broker whose CPU is read
 ANCHOR_QUEUE = "anchor.vouchers.q"
 INGRESS = report.SUBJECT
 SERVER_ORDER = (INGRESS, report.NAIVE, "faststream", "bare")
@@ -195,7 +196,7 @@ class IngressBench:
                     cwd=REPO,
                 )
             )
-        self.broker_pids = procstat.pids_named(procstat.BROKER_COMM)
+        self.broker_pids = procstat.broker_pids(BROKER_PORT)
         self.runs: list[Run] = []
         self.checks: list[StoredCheck] = []
 
@@ -366,8 +367,8 @@ def render_markdown(
         *(f"- {line}" for line in machine.lines()),
         f"- load: {_load_line(config)}",
         "- CPU per accepted request: utime+stime (+ waited-for children) from /proc/PID/stat "
-        "around the measured run, divided by the 2xx answers; broker CPU is every `beam.smp`, "
-        "so anything else using RabbitMQ meanwhile counts too.",
+        "around the measured run, divided by the 2xx answers; broker CPU is the `beam.smp` "
+        "serving 127.0.0.1:5672, so anything else using that broker meanwhile counts too.",
         "",
         "## Medians per server",
         "",

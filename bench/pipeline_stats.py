@@ -9,6 +9,8 @@ import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from bench.procstat import parse_cpu_ticks, ticks_to_us
 from sandbox.timestamps import parse_iso
 
@@ -167,3 +169,42 @@ def non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:
     if not text.isdigit():
         raise SystemExit(f"{name} must be a whole number >= 0, not {text!r}")
     return int(text)
+
+
+def parse_subjects(text: str, known: Sequence[str]) -> tuple[str, ...]:
+    """A comma-separated list of subjects, each known and named once; SystemExit when bad."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in known]
+    if not names or unknown or len(set(names)) != len(names):
+        raise SystemExit(
+            f"BENCH_PIPELINE_SUBJECTS must name some of {', '.join(known)}, each once, not {text!r}"
+        )
+    return names
+
+
+def peer_dead_letter(
+    correlation_id: str | None, body: bytes, headers: Mapping[str, object]
+) -> tuple[str, str]:
+    """(voucher id, reason) of a dead letter in the FastStream peer's `<ns>-peer.dead`.
+
+    The peer sets the voucher id as correlation id on everything it publishes; the body (a
+    voucher, or a Doshii update) says it too. The broker's x-first-death-* headers give the
+    reason: `rejected` (a permanent failure) or `delivery_limit`.
+    """
+    voucher_id = correlation_id or ""
+    if not voucher_id:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict):
+            voucher_id = str(data.get("id") or data.get("voucher_id") or "")
+    reason = _header_text(headers.get("x-first-death-reason")) or "unknown"
+    queue = _header_text(headers.get("x-first-death-queue")) or "unknown queue"
+    return voucher_id, f"broker dead-lettered from {queue}: {reason}"
+
+
+def _header_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return "" if value is None else str(value)

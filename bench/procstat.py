@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -66,3 +67,45 @@ def total_cpu_ticks(pids: list[int]) -> int:
 def ticks_to_us(ticks: int) -> float:
     """Clock ticks to microseconds."""
     return ticks * US_PER_S / CLOCK_TICKS_PER_S
+
+
+# /proc/net/tcp: "sl local_address rem_address st ... inode"; LISTEN is state 0A. Addresses are
+# hex, IPv4 in host (little-endian) byte order: 127.0.0.1 is 0100007F.
+_LISTEN_STATE = "0A"
+_LOCAL_FIELD, _STATE_FIELD, _INODE_FIELD = 1, 3, 9
+_ANY_OR_LOOPBACK = frozenset({"00000000", "0100007F", "0" * 32})
+
+
+def listening_inodes(proc_net_tcp: str, port: int) -> set[int]:
+    """Socket inodes listening on `port` on 127.0.0.1 or every address, from /proc/net/tcp(6).
+
+    Other loopback addresses (127.0.0.2:5672, say) are other brokers, not the one we use.
+    """
+    inodes = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) <= _INODE_FIELD or fields[_STATE_FIELD] != _LISTEN_STATE:
+            continue
+        address, _, port_hex = fields[_LOCAL_FIELD].partition(":")
+        if address in _ANY_OR_LOOPBACK and int(port_hex, 16) == port:
+            inodes.add(int(fields[_INODE_FIELD]))
+    return inodes
+
+
+def broker_pids(port: int, proc: Path = PROC) -> list[int]:
+    """The `beam.smp` serving 127.0.0.1:`port`; every `beam.smp` if that cannot be told.
+
+    A machine may run several RabbitMQ nodes (tests start their own on other ports or
+    addresses); only the one the benchmark talks to is its broker.
+    """
+    inodes: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            inodes |= listening_inodes((proc / "net" / table).read_text(), port)
+    sockets = {f"socket:[{inode}]" for inode in inodes}
+    found = []
+    for pid in pids_named(BROKER_COMM, proc):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in sockets for fd in (proc / str(pid) / "fd").iterdir()):
+                found.append(pid)
+    return found or pids_named(BROKER_COMM, proc)

@@ -12,6 +12,7 @@ uvloop's C loop (epoll, socket reads and writes, callback dispatch): it is named
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import shutil
 import signal
@@ -29,6 +30,8 @@ STOP_TIMEOUT_S = 30.0
 TOP_SPOTS = 8
 PERCENT = 100.0
 PROJECT_PACKAGES = frozenset({"ingress", "workers", "shared", "sandbox", "bench"})
+# The pipeline benchmark's FastStream peer is one module; its functions are ranked like ours.
+PEER_MODULES = frozenset({"faststream_pipeline"})
 # A project function on at least this share of the samples is an entry point (main, run, the
 # thread's target): on every stack, so it says nothing about where the time goes.
 ENTRY_SHARE_PERCENT = 95.0
@@ -56,9 +59,12 @@ class HotSpot:
     samples: int
     percent: float
 
-    def line(self) -> str:
-        """`  12.3 %  name`."""
-        return f"{self.percent:5.1f} %  {self.name}"
+    def line(self, us_per_voucher: float | None = None) -> str:
+        """`  12.3 %  name`; with the process's CPU µs per voucher, `  12.3 %    45 µs  name`."""
+        if us_per_voucher is None or math.isnan(us_per_voucher):
+            return f"{self.percent:5.1f} %  {self.name}"
+        share_us = us_per_voucher * self.percent / PERCENT
+        return f"{self.percent:5.1f} %  {share_us:6,.0f} µs  {self.name}"
 
 
 def parse_folded(text: str) -> list[Stack]:
@@ -150,8 +156,9 @@ def self_by_package(stacks: Sequence[Stack], top: int = TOP_SPOTS) -> list[HotSp
 
 
 def is_project_frame(frame: str) -> bool:
-    """Whether the frame is in the project's own code."""
-    return package_of(frame_file(frame)) in PROJECT_PACKAGES
+    """Whether the frame is in the project's own code, or in the peer's module."""
+    package = package_of(frame_file(frame))
+    return package in PROJECT_PACKAGES or package in PEER_MODULES
 
 
 def inclusive_by_function(
@@ -172,9 +179,20 @@ def inclusive_by_function(
     return _rank(busy, total, top)
 
 
-def summary(title: str, stacks: Sequence[Stack], top: int = TOP_SPOTS) -> list[str]:
-    """Lines for one profile: self time by line and by package, project functions inclusive."""
-    lines = [f"{title}: {total_samples(stacks):,} samples"]
+def summary(
+    title: str,
+    stacks: Sequence[Stack],
+    top: int = TOP_SPOTS,
+    us_per_voucher: float | None = None,
+) -> list[str]:
+    """Lines for one profile: self time by line and by package, project functions inclusive.
+
+    With the process's CPU µs per voucher over the same window, each share is also shown as
+    µs per voucher (samples are taken in proportion to CPU time, `--gil`).
+    """
+    known = us_per_voucher is not None and not math.isnan(us_per_voucher)
+    per_voucher = f", {us_per_voucher:,.0f} µs of CPU per voucher" if known else ""
+    lines = [f"{title}: {total_samples(stacks):,} samples{per_voucher}"]
     sections = (
         ("self, by line", self_by_line(stacks, top)),
         ("self, by package", self_by_package(stacks, top)),
@@ -182,7 +200,7 @@ def summary(title: str, stacks: Sequence[Stack], top: int = TOP_SPOTS) -> list[s
     )
     for heading, spots in sections:
         lines.append(f"  {heading}:")
-        lines.extend(f"    {spot.line()}" for spot in spots)
+        lines.extend(f"    {spot.line(us_per_voucher)}" for spot in spots)
     return lines
 
 

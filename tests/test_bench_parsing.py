@@ -8,7 +8,7 @@ import pytest
 
 from bench.deps import version_tuple
 from bench.ingress import parse_outcomes
-from bench.procstat import parse_cpu_ticks, pids_named
+from bench.procstat import broker_pids, listening_inodes, parse_cpu_ticks, pids_named
 from bench.wrk import WrkError, parse_wrk_output
 
 # Captured from `wrk -t1 -c64 -d2s --latency -s post.lua` against the ingress with a bogus key.
@@ -162,3 +162,31 @@ def test_ingress_outcomes_from_metrics() -> None:
 )
 def test_version_tuple(version: str, expected: tuple[int, ...]) -> None:
     assert version_tuple(version) == expected
+
+
+PROC_NET_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   9: 0100007F:1628 00000000:0000 0A 00000000:00000000 00:00000000 00000000   106        0 7697 1
+  22: 0200007F:1628 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1860 1
+  39: 0100007F:1628 0100007F:9A6E 01 00000000:00000000 00:00000000 00000000   106        0 1660 1
+  40: 00000000:1629 00000000:0000 0A 00000000:00000000 00:00000000 00000000   106        0 5555 1
+"""
+
+
+def test_listening_inodes_keep_only_our_address_and_port() -> None:
+    # 127.0.0.2:5672 is another node; the established connection is not a listener.
+    assert listening_inodes(PROC_NET_TCP, 5672) == {7697}
+    assert listening_inodes(PROC_NET_TCP, 5673) == {5555}  # 0.0.0.0 counts
+    assert listening_inodes("header only\n", 5672) == set()
+
+
+def test_broker_pids_pick_the_node_that_listens(tmp_path: Path) -> None:
+    for pid, socket in ((10, "socket:[1860]"), (12, "socket:[7697]")):
+        (tmp_path / str(pid) / "fd").mkdir(parents=True)
+        (tmp_path / str(pid) / "comm").write_text("beam.smp\n")
+        (tmp_path / str(pid) / "fd" / "3").symlink_to(socket)
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "tcp").write_text(PROC_NET_TCP)
+    assert broker_pids(5672, proc=tmp_path) == [12]
+    # When no beam.smp is seen listening (a broker in a container, say), every one counts.
+    assert broker_pids(5999, proc=tmp_path) == [10, 12]

@@ -1,0 +1,172 @@
+"""intake (`doshii.card_activate`): a sale at the till reserves its voucher at Jackpot, once.
+
+One Doshii request reserves at most one voucher, whatever is redelivered or killed:
+- the request is claimed in the ledger first (`INSERT ... ON CONFLICT`): a request already
+  reserved, cancelled or of unknown outcome is not reserved again;
+- the one-time Jackpot JWT is signed with the claim's time, so a retry signs the very same JWT,
+  which Jackpot will not exchange twice: a second session, hence a second voucher, cannot be;
+- where Jackpot may have reserved but the answer was lost, the request is marked `unknown`:
+  the RESERVED notification carrying our key links the voucher when it comes, and the sweeper
+  cancels the Doshii request with a reason if none came by the deadline.
+
+The reserved voucher goes to the reservations stage at once, from Jackpot's answer: a lost
+RESERVED notification costs nothing, and the real one is a harmless duplicate.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import structlog
+
+from shared import envelope, journal
+from shared.errors import TransientError
+from shared.intake import IntakeRequest
+from shared.journal import Outcome as Step
+from shared.journal import State
+from shared.keys import KeyRing
+from shared.ledger import Ledger
+from shared.models import DoshiiStatus, DoshiiUpdate, KeyClaims, Route, Voucher
+from shared.partners import JackpotSessions, ReservationUnreadable, SessionEnded, SessionRefused
+from shared.reserve import JackpotRefusal, refusal_reason, unavailable_reason
+from shared.reserve import RefusalKind as Refusal
+from shared.broker import Outgoing
+from workers.deps import Deps
+from workers.messages import decode, doshii_message
+from workers.runner import Handler, Incoming, Outcome, choose_tier
+
+log = structlog.get_logger("intake")
+
+STAGE = "intake"
+# Request states in the ledger (`requests.state`).
+CLAIMED = "claimed"
+RESERVED = "reserved"
+CANCELLED = "cancelled"
+UNKNOWN = "unknown"
+
+
+def reserved_message(deps: Deps, voucher: Voucher, claims: KeyClaims) -> Outgoing:
+    """Jackpot's answer as the RESERVED notification the reservations stage takes."""
+    headers = envelope.claim_headers(claims, journal.now_ms())
+    headers[envelope.ORIGIN] = STAGE
+    return Outgoing(
+        exchange=deps.names.events,
+        routing_key=Route.RESERVED,
+        body=orjson.dumps(voucher.model_dump(mode="json") | {"value": _number(voucher.value),
+                                                               "price": _number(voucher.price)}),
+        message_id=f"{voucher.id}:{voucher.state}",
+        correlation_id=str(voucher.id),
+        headers=headers,
+    )
+
+
+def _number(value: object) -> object:
+    """A Decimal back as the JSON number Jackpot sent (pydantic's JSON mode makes it a string)."""
+    text = str(value)
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def make_handler(deps: Deps) -> Handler:
+    settings = deps.settings
+    ledger = deps.ledger
+    if ledger is None:
+        raise RuntimeError("the intake worker needs the ledger")
+    sessions = JackpotSessions.from_settings(deps.partners, settings)
+    keys = KeyRing(settings.key_secrets)
+
+    def cancel(request: IntakeRequest, reason: str) -> Outgoing:
+        update = DoshiiUpdate(
+            location_id=request.location_id,
+            request_id=request.request_id,
+            voucher_id=None,
+            coupon_id=None,
+            status=DoshiiStatus.CANCELLED,
+            cancelled_reason=reason,
+        )
+        return doshii_message(deps.names, update, int(request.received_at.timestamp() * 1000))
+
+    async def cancelled(
+        message: Incoming, request: IntakeRequest, reason: str, outcome: str
+    ) -> Outcome:
+        await ledger.settle_request(request.request_id, CANCELLED, None, reason)
+        log.warning("sale_cancelled", reason=reason, doshii_request_id=request.request_id)
+        return Outcome(
+            "rejected", emit=[cancel(request, reason)], detail=reason, step=outcome
+        )
+
+    async def handle(message: Incoming) -> Outcome:
+        request = decode(IntakeRequest, message.body, "a till sale (intake request)")
+        message.steps.append(
+            journal.step(
+                None,
+                message.message_id or f"{request.request_id}:card_activate",
+                "ingress",
+                Step.SALE_RECEIVED,
+                request_id=request.request_id,
+                at_ms=int(request.received_at.timestamp() * 1000),
+                detail=f"card_activate for {request.amount_cents / 100:.2f}",
+            )
+        )
+        claim = await ledger.claim_request(request)
+        if claim["state"] != CLAIMED:
+            detail = f"request already {claim['state']}: nothing reserved again"
+            return Outcome("ignored", detail=detail, step=Step.IGNORED)
+        now = datetime.now(UTC)
+        deadline = request.deadline(settings.intake_deadline_s)
+        if now >= deadline:
+            reason = unavailable_reason(request.amount_cents)
+            return await cancelled(message, request, reason, Step.CANCELLED)
+        offer = settings.offer_for(request.location_id)
+        if offer is None:
+            reason = refusal_reason(Refusal.NO_SUCH_OFFER, request.amount_cents)
+            return await cancelled(message, request, reason, Step.REFUSED)
+        claims = KeyClaims(
+            location_id=request.location_id,
+            request_id=request.request_id,
+            amount_cents=request.amount_cents,
+        )
+        try:
+            assertion = sessions.assertion(
+                amount_cents=request.amount_cents,
+                notification_key=keys.mint(claims),
+                issued_at_s=int(claim["claimed_at"].timestamp()),
+            )
+            token = await sessions.open_session(assertion)
+            voucher = await sessions.reserve(
+                token, offer=offer, amount_cents=request.amount_cents
+            )
+        except JackpotRefusal as refusal:
+            return await cancelled(message, request, refusal.reason, Step.REFUSED)
+        except (SessionRefused, SessionEnded, ReservationUnreadable) as error:
+            used = isinstance(error, SessionRefused) and not error.assertion_used
+            if used and not message.attempt and not message.redelivered:
+                # First try, and Jackpot refused the JWT itself: nothing can exist for it.
+                reason = refusal_reason(Refusal.REFUSED, request.amount_cents)
+                return await cancelled(message, request, reason, Step.REFUSED)
+            await ledger.settle_request(request.request_id, UNKNOWN, None, str(error))
+            detail = (
+                f"Jackpot may have reserved ({error}): the RESERVED notification links it, "
+                "or the sweeper cancels the request after the deadline"
+            )
+            log.warning("reservation_unknown", detail=detail)
+            return Outcome("done", detail=detail, step=Step.OUTCOME_UNKNOWN)
+        except TransientError:
+            next_delay_s = choose_tier(settings.retry_tiers_s, message.attempt, None)
+            if next_delay_s is None or (now - request.received_at).total_seconds() + next_delay_s > (
+                settings.intake_deadline_s
+            ):
+                reason = unavailable_reason(request.amount_cents)
+                return await cancelled(message, request, reason, Step.CANCELLED)
+            raise
+        await ledger.settle_request(request.request_id, RESERVED, voucher.id, None)
+        detail = f"voucher {voucher.couponId} reserved at Jackpot (store {offer.store_id})"
+        return Outcome(
+            emit=[reserved_message(deps, voucher, claims)],
+            detail=detail,
+            step=Step.RESERVED_AT_JACKPOT,
+            state=State.RESERVED,
+            voucher_id=voucher.id,
+        )
+
+    return handle
