@@ -86,18 +86,38 @@ def timeline(row: Row, journey: Sequence[Row], stuck_after_s: float, now: dateti
     if row["doshii_status"]:
         lines.append(f"  Doshii: {row['doshii_status']}")
     lines.append("  journey:")
-    for step in journey:
-        attempt = f" (attempt {step['attempt'] + 1})" if step["attempt"] else ""
-        said = step["outcome"] + attempt
-        if step["detail"]:
-            # A detail that starts with the outcome says it already ("PDF stored: path").
-            detail = step["detail"]
-            said = detail if detail.startswith(step["outcome"]) else f"{said}: {detail}"
-        lines.append(f"    {step['at']:%H:%M:%S.%f}"[:-3] + f"  {step['stage']:<12} {said}")
+    lines += [_step_line(step) for step in journey]
     todo = advice(row, stuck_after_s, now)
     if todo:
         lines.append(f"  to do: {todo}")
     return "\n".join(lines)
+
+
+def request_timeline(request: Row, journey: Sequence[Row]) -> str:
+    """A till's request that no voucher pays for: its state, reason and steps."""
+    lines = [
+        f"Doshii request {request['request_id']}  location {request['location_id']}  "
+        f"amount {request['amount_cents'] / 100:.2f}",
+        f"  state: {request['state']}" + (f" ({request['reason']})" if request["reason"] else ""),
+        "  journey:",
+    ]
+    lines += [_step_line(step) for step in journey]
+    if request["state"] == "unknown":
+        lines.append(
+            "  to do: nothing yet: Jackpot's RESERVED notification links the voucher, or the "
+            "sweeper cancels the sale after BRIDGE_INTAKE_DEADLINE_S"
+        )
+    return "\n".join(lines)
+
+
+def _step_line(step: Row) -> str:
+    attempt = f" (attempt {step['attempt'] + 1})" if step["attempt"] else ""
+    said = step["outcome"] + attempt
+    if step["detail"]:
+        # A detail that starts with the outcome says it already ("PDF stored: path").
+        detail = step["detail"]
+        said = detail if detail.startswith(step["outcome"]) else f"{said}: {detail}"
+    return f"    {step['at']:%H:%M:%S.%f}"[:-3] + f"  {step['stage']:<12} {said}"
 
 
 async def status(settings: Settings, ident: str, *, as_json_lines: bool = False) -> int:
@@ -106,10 +126,19 @@ async def status(settings: Settings, ident: str, *, as_json_lines: bool = False)
     async with Ledger.open(settings, max_size=1) as ledger:
         rows = await ledger.find(ident)
         if not rows:
-            print(f"the ledger knows no voucher, coupon or Doshii request {ident!r}")
-            return 1
+            requests = await ledger.fetch("find_request", ident)
+            if not requests:
+                print(f"the ledger knows no voucher, coupon or Doshii request {ident!r}")
+                return 1
+            # A sale no voucher pays for (yet): the request's own story.
+            journey = await ledger.fetch("request_journey", ident)
+            if as_json_lines:
+                print(json.dumps(as_json(requests[0]) | {"journey": [as_json(s) for s in journey]}))
+            else:
+                print(request_timeline(requests[0], journey))
+            return 0
         for row in rows:
-            journey = await ledger.journey(row["voucher_id"])
+            journey = await ledger.journey(row["voucher_id"], row["request_id"])
             if as_json_lines:
                 record = as_json(row) | {"journey": [as_json(s) for s in journey]}
                 record["advice"] = advice(row, settings.sweep_ready_after_s, now)

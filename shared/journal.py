@@ -86,14 +86,22 @@ class Outcome(StrEnum):
     READY_FOUND = "link found"
     EXPIRED = "expired"
     REFUND_NEEDED = "refund needed"
+    SALE_RECEIVED = "sale received"
+    RESERVED_AT_JACKPOT = "reserved at Jackpot"
+    REFUSED = "refused"
+    OUTCOME_UNKNOWN = "outcome unknown"
 
 
 class Step(BaseModel):
-    """One step of a voucher's journey, and the facts about the voucher it learnt."""
+    """One step of a voucher's journey, and the facts about the voucher it learnt.
+
+    A step of a till's request before any voucher pays for it has only its request id.
+    """
 
     model_config = ConfigDict(frozen=True)
 
-    voucher_id: UUID
+    voucher_id: UUID | None
+    request_id: str | None = Field(None, max_length=64)
     message_id: str = Field(min_length=1, max_length=256)
     stage: str = Field(min_length=1, max_length=32)
     attempt: int = Field(ge=0)
@@ -132,11 +140,12 @@ def now_ms() -> int:
 
 
 def step(
-    voucher_id: UUID | str,
+    voucher_id: UUID | str | None,
     message_id: str,
     stage: str,
     outcome: Outcome | str,
     *,
+    request_id: str | None = None,
     attempt: int = 0,
     at_ms: int | None = None,
     detail: str | None = None,
@@ -146,8 +155,13 @@ def step(
     """A step, with its detail cut to size (a reason may quote a partner's answer)."""
     if detail is not None and len(detail) > DETAIL_MAX_CHARS:
         detail = detail[: DETAIL_MAX_CHARS - 1] + "…"
+    if isinstance(voucher_id, str):
+        voucher_id = UUID(voucher_id)
+    if request_id is None:
+        request_id = facts.get("request_id") if facts else None
     return Step(
-        voucher_id=voucher_id if isinstance(voucher_id, UUID) else UUID(voucher_id),
+        voucher_id=voucher_id,
+        request_id=request_id,
         message_id=message_id,
         stage=stage,
         attempt=attempt,
@@ -191,7 +205,8 @@ def changes(steps: Sequence[Step]) -> list[VoucherChange]:
     """Fold a batch of steps into one change per voucher: the latest state, every fact."""
     by_voucher: dict[UUID, list[Step]] = {}
     for s in steps:
-        by_voucher.setdefault(s.voucher_id, []).append(s)
+        if s.voucher_id is not None:
+            by_voucher.setdefault(s.voucher_id, []).append(s)
     result = []
     for voucher_id, own in by_voucher.items():
         own.sort(key=lambda s: (s.at_ms, RANKS[s.state] if s.state else -1))

@@ -148,8 +148,9 @@ class DoshiiUpdate(BaseModel):
 
     location_id: str
     request_id: str
-    voucher_id: UUID
-    coupon_id: str
+    # None for a sale cancelled before any voucher was reserved for it.
+    voucher_id: UUID | None
+    coupon_id: str | None
     status: Literal[DoshiiStatus.ACTIVATED, DoshiiStatus.CANCELLED]
     amount_cents: int | None = None
     expiry_date: datetime | None = None

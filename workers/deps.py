@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from shared.ledger import Ledger
 from shared.partners import Doshii, Jackpot
 from shared.settings import Settings
 from shared.topology import Names
@@ -21,6 +22,10 @@ class Deps:
     doshii: Doshii
     # A session of its own for PDF downloads: no redirects followed, no cookies kept.
     downloads: aiohttp.ClientSession
+    # The partners' session, for clients built by a stage itself (the intake's Jackpot).
+    partners: aiohttp.ClientSession
+    # Only the stages that need the ledger at once (the intake) have it.
+    ledger: Ledger | None = None
 
 
 @asynccontextmanager
@@ -46,4 +51,5 @@ async def open_deps(settings: Settings) -> AsyncIterator[Deps]:
                 settings.doshii_client_secret.get_secret_value(),
             ),
             downloads=downloads,
+            partners=partners,
         )

@@ -21,17 +21,16 @@ import orjson
 import structlog
 
 from shared import envelope, journal
+from shared.broker import Outgoing
 from shared.errors import TransientError
 from shared.intake import IntakeRequest
 from shared.journal import Outcome as Step
 from shared.journal import State
 from shared.keys import KeyRing
-from shared.ledger import Ledger
 from shared.models import DoshiiStatus, DoshiiUpdate, KeyClaims, Route, Voucher
 from shared.partners import JackpotSessions, ReservationUnreadable, SessionEnded, SessionRefused
 from shared.reserve import JackpotRefusal, refusal_reason, unavailable_reason
 from shared.reserve import RefusalKind as Refusal
-from shared.broker import Outgoing
 from workers.deps import Deps
 from workers.messages import decode, doshii_message
 from workers.runner import Handler, Incoming, Outcome, choose_tier
@@ -44,6 +43,8 @@ CLAIMED = "claimed"
 RESERVED = "reserved"
 CANCELLED = "cancelled"
 UNKNOWN = "unknown"
+# Open sessions remembered for retries; the oldest is forgotten past this many.
+MAX_OPEN_SESSIONS = 10_000
 
 
 def reserved_message(deps: Deps, voucher: Voucher, claims: KeyClaims) -> Outgoing:
@@ -53,8 +54,10 @@ def reserved_message(deps: Deps, voucher: Voucher, claims: KeyClaims) -> Outgoin
     return Outgoing(
         exchange=deps.names.events,
         routing_key=Route.RESERVED,
-        body=orjson.dumps(voucher.model_dump(mode="json") | {"value": _number(voucher.value),
-                                                               "price": _number(voucher.price)}),
+        body=orjson.dumps(
+            voucher.model_dump(mode="json")
+            | {"value": _number(voucher.value), "price": _number(voucher.price)}
+        ),
         message_id=f"{voucher.id}:{voucher.state}",
         correlation_id=str(voucher.id),
         headers=headers,
@@ -74,6 +77,14 @@ def make_handler(deps: Deps) -> Handler:
         raise RuntimeError("the intake worker needs the ledger")
     sessions = JackpotSessions.from_settings(deps.partners, settings)
     keys = KeyRing(settings.key_secrets)
+    # Sessions opened but not yet used, by request: a retry after a failed reserve uses the
+    # same session (the JWT cannot open another). In memory only: a session is a credential.
+    sessions_by_request: dict[str, str] = {}
+
+    def remember(request_id: str, token: str) -> None:
+        if len(sessions_by_request) >= MAX_OPEN_SESSIONS:
+            sessions_by_request.pop(next(iter(sessions_by_request)))
+        sessions_by_request[request_id] = token
 
     def cancel(request: IntakeRequest, reason: str) -> Outgoing:
         update = DoshiiUpdate(
@@ -91,9 +102,7 @@ def make_handler(deps: Deps) -> Handler:
     ) -> Outcome:
         await ledger.settle_request(request.request_id, CANCELLED, None, reason)
         log.warning("sale_cancelled", reason=reason, doshii_request_id=request.request_id)
-        return Outcome(
-            "rejected", emit=[cancel(request, reason)], detail=reason, step=outcome
-        )
+        return Outcome("rejected", emit=[cancel(request, reason)], detail=reason, step=outcome)
 
     async def handle(message: Incoming) -> Outcome:
         request = decode(IntakeRequest, message.body, "a till sale (intake request)")
@@ -127,21 +136,24 @@ def make_handler(deps: Deps) -> Handler:
             amount_cents=request.amount_cents,
         )
         try:
-            assertion = sessions.assertion(
-                amount_cents=request.amount_cents,
-                notification_key=keys.mint(claims),
-                issued_at_s=int(claim["claimed_at"].timestamp()),
-            )
-            token = await sessions.open_session(assertion)
-            voucher = await sessions.reserve(
-                token, offer=offer, amount_cents=request.amount_cents
-            )
+            token = sessions_by_request.get(request.request_id)
+            if token is None:
+                assertion = sessions.assertion(
+                    amount_cents=request.amount_cents,
+                    notification_key=keys.mint(claims),
+                    issued_at_s=int(claim["claimed_at"].timestamp()),
+                )
+                token = await sessions.open_session(assertion)
+                remember(request.request_id, token)
+            voucher = await sessions.reserve(token, offer=offer, amount_cents=request.amount_cents)
         except JackpotRefusal as refusal:
+            sessions_by_request.pop(request.request_id, None)
             return await cancelled(message, request, refusal.reason, Step.REFUSED)
         except (SessionRefused, SessionEnded, ReservationUnreadable) as error:
-            used = isinstance(error, SessionRefused) and not error.assertion_used
-            if used and not message.attempt and not message.redelivered:
-                # First try, and Jackpot refused the JWT itself: nothing can exist for it.
+            sessions_by_request.pop(request.request_id, None)
+            first_try = not message.attempt and not message.redelivered
+            if isinstance(error, SessionRefused) and not error.assertion_used and first_try:
+                # Jackpot refused a JWT never sent before: nothing can exist for it.
                 reason = refusal_reason(Refusal.REFUSED, request.amount_cents)
                 return await cancelled(message, request, reason, Step.REFUSED)
             await ledger.settle_request(request.request_id, UNKNOWN, None, str(error))
@@ -152,13 +164,15 @@ def make_handler(deps: Deps) -> Handler:
             log.warning("reservation_unknown", detail=detail)
             return Outcome("done", detail=detail, step=Step.OUTCOME_UNKNOWN)
         except TransientError:
+            # Retry only if the next delay tier still ends before the deadline.
             next_delay_s = choose_tier(settings.retry_tiers_s, message.attempt, None)
-            if next_delay_s is None or (now - request.received_at).total_seconds() + next_delay_s > (
-                settings.intake_deadline_s
-            ):
+            waited_s = (now - request.received_at).total_seconds()
+            if next_delay_s is None or waited_s + next_delay_s > settings.intake_deadline_s:
+                sessions_by_request.pop(request.request_id, None)
                 reason = unavailable_reason(request.amount_cents)
                 return await cancelled(message, request, reason, Step.CANCELLED)
             raise
+        sessions_by_request.pop(request.request_id, None)
         await ledger.settle_request(request.request_id, RESERVED, voucher.id, None)
         detail = f"voucher {voucher.couponId} reserved at Jackpot (store {offer.store_id})"
         return Outcome(

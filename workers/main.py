@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import structlog
 from aiohttp import web
@@ -12,9 +13,9 @@ from shared import service
 from shared.errors import SettingsError
 from shared.ledger import Ledger
 from shared.service import start_site
-from shared.settings import Settings
+from shared.settings import Settings, check_intake
 from shared.topology import Stage
-from workers import doshii, lifecycle, pdfs, reservations
+from workers import doshii, intake, lifecycle, pdfs, reservations
 from workers.deps import Deps, open_deps
 from workers.ledger import LedgerWriter
 from workers.runner import Consumer, Handler, Runner
@@ -27,6 +28,7 @@ HANDLER_FACTORIES = {
     Stage.PDFS: pdfs.make_handler,
     Stage.LIFECYCLE: lifecycle.make_handler,
     Stage.DOSHII: doshii.make_handler,
+    Stage.INTAKE: intake.make_handler,
 }
 
 RUNNER = web.AppKey("runner", Runner)
@@ -37,9 +39,19 @@ LEDGER_ROLES = ("ledger", "sweeper")
 ROLES = (*(str(s) for s in Stage), *LEDGER_ROLES, "all")
 
 
-def stages_for(role: str) -> list[Stage]:
+def intake_configured(settings: Settings) -> bool:
+    """Whether the till's sales can be reserved: Jackpot session credentials and the ledger."""
+    try:
+        check_intake(settings)
+    except SettingsError:
+        return False
+    return settings.ledger
+
+
+def stages_for(role: str, settings: Settings) -> list[Stage]:
+    """The stages `role` runs; `all` takes the till's sales only where they are configured."""
     if role == "all":
-        return list(Stage)
+        return [s for s in Stage if s != Stage.INTAKE or intake_configured(settings)]
     return [] if role in LEDGER_ROLES else [Stage(role)]
 
 
@@ -57,7 +69,14 @@ def check_settings(settings: Settings, role: str) -> None:
             "voucher-bridge cannot start: bad settings\n"
             f"  BRIDGE_LEDGER: is false, so there is no journal for the {role} worker to read"
         )
-    if Stage.PDFS in stages_for(role) and not settings.pdf_hosts:
+    if role == str(Stage.INTAKE):
+        check_intake(settings)
+        if not settings.ledger:
+            raise SettingsError(
+                "voucher-bridge cannot start: bad settings\n"
+                "  BRIDGE_LEDGER: is false, but the intake claims each till request in the ledger"
+            )
+    if Stage.PDFS in stages_for(role, settings) and not settings.pdf_hosts:
         raise SettingsError(
             "voucher-bridge cannot start: bad settings\n"
             "  BRIDGE_PDF_HOSTS: is empty; the pdfs worker may fetch voucher PDFs from nowhere"
@@ -65,8 +84,7 @@ def check_settings(settings: Settings, role: str) -> None:
 
 
 def handlers(deps: Deps, stages: list[Stage]) -> dict[Stage, Handler]:
-    # A stage whose worker is not in this build (intake, issue 10) keeps its queue for it.
-    return {stage: HANDLER_FACTORIES[stage](deps) for stage in stages if stage in HANDLER_FACTORIES}
+    return {stage: HANDLER_FACTORIES[stage](deps) for stage in stages}
 
 
 async def _readyz(request: web.Request) -> web.Response:
@@ -97,15 +115,20 @@ async def serve_workers(
     SettingsError naming it); the stages never wait for it.
     """
     extra = ledger_roles(settings, role)
+    stages = stages_for(role, settings)
+    if role == "all" and Stage.INTAKE not in stages:
+        log.info("intake_off", reason="no Jackpot session credentials: till sales not taken")
     async with contextlib.AsyncExitStack() as stack:
         deps = await stack.enter_async_context(open_deps(settings))
-        ledger = await stack.enter_async_context(Ledger.open(settings)) if extra else None
+        needs_ledger = bool(extra) or Stage.INTAKE in stages
+        ledger = await stack.enter_async_context(Ledger.open(settings)) if needs_ledger else None
+        deps = dataclasses.replace(deps, ledger=ledger)
         consumers: list[Consumer] = []
         if ledger is not None and "ledger" in extra:
             consumers.append(LedgerWriter(settings, ledger))
         runner = Runner(
             settings,
-            handlers(deps, stages_for(role)),
+            handlers(deps, stages),
             role=f"worker {role}",
             consumers=consumers,
         )

@@ -94,8 +94,8 @@ def doshii_message(names: Names, update: DoshiiUpdate, received_ms: int | None) 
         exchange=names.events,
         routing_key=Route.DOSHII,
         body=update.model_dump_json().encode(),
-        message_id=f"{update.voucher_id}:doshii:{update.status}",
-        correlation_id=str(update.voucher_id),
+        message_id=f"{update.voucher_id or 'request-' + update.request_id}:doshii:{update.status}",
+        correlation_id=str(update.voucher_id) if update.voucher_id else None,
         headers=headers,
     )
 

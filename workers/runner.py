@@ -67,6 +67,7 @@ class Incoming:
     correlation_id: str | None
     stage: Stage
     attempt: int  # delay tiers already waited out
+    redelivered: bool = False  # the broker gave it out before (a worker died or let it go)
     # When the stage took the message: its step's time, so steps keep their causal order
     # (a stage starts after the step that fed it, even when it finishes after the next).
     started_ms: int = 0
@@ -89,6 +90,8 @@ class Outcome:
     step: str | None = None
     state: State | None = None
     facts: Mapping[str, Any] = field(default_factory=dict)
+    # The voucher the step is about, when the message is not a voucher's (a till's sale).
+    voucher_id: UUID | None = None
 
 
 Handler = Callable[[Incoming], Awaitable[Outcome]]
@@ -241,6 +244,7 @@ class StageRunner:
             correlation_id=message.correlation_id,
             stage=self.stage,
             attempt=envelope.attempt_of(headers),
+            redelivered=bool(message.redelivered),
             started_ms=journal.now_ms(),
         )
         context = {
@@ -353,12 +357,16 @@ class StageRunner:
         self, incoming: Incoming, kind: str, detail: str, outcome: Outcome | None
     ) -> list[Step]:
         """The steps to record for this delivery: the handler's, then the stage's own."""
-        try:
-            voucher_id = UUID(incoming.correlation_id or "")
-        except ValueError:
-            # Not a voucher's message (it is in the dead queue with its reason if it failed).
+        voucher_id = outcome.voucher_id if outcome is not None else None
+        if voucher_id is None:
+            with contextlib.suppress(ValueError):
+                voucher_id = UUID(incoming.correlation_id or "")
+        request = incoming.headers.get(envelope.REQUEST)
+        request_id = str(request) if request is not None else None
+        if voucher_id is None and request_id is None:
+            # Neither a voucher's nor a sale's (it is in the dead queue if it failed).
             return list(incoming.steps)
-        message_id = incoming.message_id or f"{voucher_id}:{self.stage}"
+        message_id = incoming.message_id or f"{voucher_id or request_id}:{self.stage}"
         own: dict[str, Any]
         if kind == "retried":
             own = {"outcome": journal.Outcome.RETRIED}
@@ -376,6 +384,7 @@ class StageRunner:
             voucher_id,
             message_id,
             str(self.stage),
+            request_id=request_id,
             attempt=incoming.attempt,
             at_ms=incoming.started_ms or None,
             detail=detail or None,

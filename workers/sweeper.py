@@ -36,6 +36,7 @@ from shared.journal import State
 from shared.ledger import QUERIES, Ledger
 from shared.models import DoshiiStatus, DoshiiUpdate, KeyClaims, Route, VoucherState
 from shared.partners import PartnerRefused
+from shared.reserve import unavailable_reason
 from shared.settings import Settings
 from shared.topology import Names, Stage
 from workers.deps import Deps
@@ -134,6 +135,7 @@ class Sweeper:
                         delivery_limit=self.settings.delivery_limit,
                     )
                     await self._never_ready(channel, report)
+                    await self._unresolved_sales(channel, report)
                     await self._expired(channel, report)
                     await self._cancelled_after_payment(channel, report)
                 await self._gauges()
@@ -173,6 +175,7 @@ class Sweeper:
                     f"{row['voucher_id']}:{STAGE}",
                     STAGE,
                     outcome,
+                    request_id=row["request_id"],
                     attempt=attempt,
                     at_ms=at_ms,
                     detail=detail,
@@ -246,6 +249,43 @@ class Sweeper:
                 attempt=checks,
             )
             report.count("not ready yet")
+
+    async def _unresolved_sales(self, channel: AbstractChannel, report: SweepReport) -> None:
+        """Till sales whose reservation is unknown (or never tried) past the intake deadline:
+        no RESERVED notification linked a voucher, so the till is told why not."""
+        rows = await self.ledger.fetch(
+            "requests_unresolved", self.settings.intake_deadline_s, SWEEP_BATCH
+        )
+        for row in rows:
+            reason = (
+                f"{unavailable_reason(row['amount_cents'])}: Jackpot never confirmed the "
+                "reservation"
+            )
+            at_ms = journal.now_ms()
+            update = DoshiiUpdate(
+                location_id=row["location_id"],
+                request_id=row["request_id"],
+                voucher_id=None,
+                coupon_id=None,
+                status=DoshiiStatus.CANCELLED,
+                cancelled_reason=reason,
+            )
+            await self._publish(channel, doshii_message(self.names, update, at_ms))
+            await self.ledger.settle_request(row["request_id"], "cancelled", None, reason)
+            await self.ledger.record(
+                [
+                    journal.step(
+                        None,
+                        f"{row['request_id']}:{STAGE}",
+                        STAGE,
+                        Step.CANCELLED,
+                        request_id=row["request_id"],
+                        at_ms=at_ms,
+                        detail=reason,
+                    )
+                ]
+            )
+            report.count("sale cancelled")
 
     async def _expired(self, channel: AbstractChannel, report: SweepReport) -> None:
         for row in await self.ledger.fetch("reserved_past_expiry", SWEEP_BATCH):

@@ -22,6 +22,7 @@ from uuid import UUID
 import asyncpg
 
 from shared.errors import SettingsError
+from shared.intake import IntakeRequest
 from shared.journal import RANKS, Step, changes
 from shared.settings import Settings
 
@@ -189,6 +190,7 @@ class Ledger:
             [s.outcome for s in steps],
             [s.at for s in steps],
             [s.detail for s in steps],
+            [s.request_id for s in steps],
         )
         f = [c.facts for c in rows]
         vouchers = (
@@ -212,9 +214,15 @@ class Ledger:
             [c.first_seen for c in rows],
             [c.last_change for c in rows],
         )
+        paying = [(c.voucher_id, c.facts["request_id"]) for c in rows if c.facts.get("request_id")]
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute(QUERIES["insert_steps"], *journey)
-            await connection.execute(QUERIES["upsert_vouchers"], *vouchers)
+            if rows:
+                await connection.execute(QUERIES["upsert_vouchers"], *vouchers)
+            if paying:
+                await connection.execute(
+                    QUERIES["link_requests"], [v for v, _ in paying], [r for _, r in paying]
+                )
 
     async def find(self, ident: str) -> list[asyncpg.Record]:
         """Vouchers by voucher id, coupon id or Doshii request id."""
@@ -222,10 +230,41 @@ class Ledger:
             rows: list[asyncpg.Record] = await connection.fetch(QUERIES["find_vouchers"], ident)
             return rows
 
-    async def journey(self, voucher_id: UUID) -> list[asyncpg.Record]:
+    async def journey(
+        self, voucher_id: UUID, request_id: str | None = None
+    ) -> list[asyncpg.Record]:
+        """A voucher's steps, and its request's from before the voucher (when named)."""
         async with self.pool.acquire() as connection:
-            rows: list[asyncpg.Record] = await connection.fetch(QUERIES["journey_of"], voucher_id)
+            rows: list[asyncpg.Record] = await connection.fetch(
+                QUERIES["journey_of"], voucher_id, request_id
+            )
             return rows
+
+    async def claim_request(self, request: IntakeRequest) -> asyncpg.Record:
+        """Claim a till's request; the row as the first claim left it, whoever made it."""
+        async with self.pool.acquire() as connection:
+            row: asyncpg.Record | None = await connection.fetchrow(
+                QUERIES["claim_request"],
+                request.request_id,
+                request.location_id,
+                request.amount_cents,
+                request.pos_terminal_id,
+                request.card_ref_hash,
+                request.card_ref_last4,
+                request.received_at,
+            )
+            if row is None:
+                row = await connection.fetchrow(QUERIES["find_request"], request.request_id)
+            assert row is not None
+            return row
+
+    async def settle_request(
+        self, request_id: str, state: str, voucher_id: UUID | None, reason: str | None
+    ) -> None:
+        async with self.pool.acquire() as connection:
+            await connection.execute(
+                QUERIES["settle_request"], request_id, state, voucher_id, reason
+            )
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """Rows of a named query."""

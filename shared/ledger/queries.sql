@@ -5,10 +5,19 @@ SELECT coalesce(max(version), 0) FROM schema_version;
 
 -- name: insert_steps
 -- A batch of journey steps; copies of steps already recorded are skipped.
-INSERT INTO journey (voucher_id, message_id, stage, attempt, outcome, at, detail)
+INSERT INTO journey (voucher_id, message_id, stage, attempt, outcome, at, detail, request_id)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[],
-                     $6::timestamptz[], $7::text[])
+                     $6::timestamptz[], $7::text[], $8::text[])
 ON CONFLICT (message_id, stage, attempt, outcome) DO NOTHING;
+
+-- name: link_requests
+-- A voucher whose facts name a till's request pays for it: a request of unknown outcome
+-- (Jackpot's answer was lost) is linked by its RESERVED notification here.
+UPDATE requests r SET voucher_id = u.voucher_id, state = 'reserved', last_change = now(),
+                      reason = NULL
+FROM unnest($1::uuid[], $2::text[]) AS u(voucher_id, request_id)
+WHERE r.request_id = u.request_id AND r.voucher_id IS NULL
+  AND r.state = ANY('{claimed,unknown}');
 
 -- name: upsert_vouchers
 -- One row per voucher of a batch: facts fill in (a known value is never erased), and the
@@ -63,9 +72,39 @@ WHERE voucher_id::text = $1 OR coupon_id = $1 OR request_id = $1
 ORDER BY first_seen;
 
 -- name: journey_of
+-- A voucher's steps, with its request's from before the voucher existed ($2 may be null).
 SELECT stage, attempt, outcome, at, detail FROM journey
-WHERE voucher_id = $1
+WHERE voucher_id = $1 OR (voucher_id IS NULL AND request_id = $2)
 ORDER BY at, id;
+
+-- name: find_request
+SELECT * FROM requests WHERE request_id = $1;
+
+-- name: request_journey
+SELECT stage, attempt, outcome, at, detail FROM journey
+WHERE request_id = $1
+ORDER BY at, id;
+
+-- name: claim_request
+-- The first claim of a request wins; a later one finds the row as it is.
+INSERT INTO requests (request_id, location_id, amount_cents, pos_terminal_id, card_ref_hash,
+                      card_ref_last4, state, received_at, claimed_at, last_change)
+VALUES ($1, $2, $3, $4, $5, $6, 'claimed', $7, now(), now())
+ON CONFLICT (request_id) DO NOTHING
+RETURNING *;
+
+-- name: settle_request
+UPDATE requests SET state = $2, voucher_id = coalesce($3, voucher_id), reason = $4,
+                    last_change = now()
+WHERE request_id = $1;
+
+-- name: requests_unresolved
+-- Claimed or of unknown outcome, with no voucher, past $1 seconds after the till's event.
+SELECT * FROM requests
+WHERE state = ANY('{claimed,unknown}') AND voucher_id IS NULL
+  AND received_at < now() - make_interval(secs => $1)
+ORDER BY received_at
+LIMIT $2;
 
 -- name: list_vouchers
 -- $1 state or null, $2 stuck only, $3 changed since or null, $4 stuck after (s), $5 limit.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from shared.settings import Settings
 from shared.topology import Names, Stage
 from workers.deps import open_deps
 from workers.ledger import LedgerWriter
-from workers.main import handlers
+from workers.main import handlers, stages_for
 from workers.runner import Runner, until_quiet
 
 
@@ -103,7 +104,10 @@ async def running_pipeline(
                 return
             async with open_deps(settings) as deps:
                 writers = [LedgerWriter(settings, ledger)] if ledger is not None else []
-                runner = Runner(settings, handlers(deps, list(Stage)), consumers=writers)
+                # The till's intake needs the ledger: without one, the chain starts at Jackpot.
+                stages = [s for s in stages_for("all", settings) if ledger or s != Stage.INTAKE]
+                deps = dataclasses.replace(deps, ledger=ledger)
+                runner = Runner(settings, handlers(deps, stages), consumers=writers)
                 task = asyncio.create_task(runner.run(stop))
                 await asyncio.wait_for(runner.connected.wait(), 15)
                 try:
