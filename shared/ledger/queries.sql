@@ -94,9 +94,10 @@ ON CONFLICT (request_id) DO NOTHING
 RETURNING *;
 
 -- name: settle_request
+-- Only a request still open moves: one a voucher already pays for stays as it is.
 UPDATE requests SET state = $2, voucher_id = coalesce($3, voucher_id), reason = $4,
                     last_change = now()
-WHERE request_id = $1;
+WHERE request_id = $1 AND voucher_id IS NULL AND state = ANY('{claimed,unknown}');
 
 -- name: requests_unresolved
 -- Claimed or of unknown outcome, with no voucher, past $1 seconds after the till's event.

@@ -84,6 +84,7 @@ async def running_pipeline(
     workers: bool = True,
     extra_pdf_hosts: Sequence[str] = (),
     ledger: Ledger | None = None,
+    intake: bool = True,
     **overrides: Any,
 ) -> AsyncIterator[Pipeline]:
     """Start the sandboxes, the ingress and (unless told not to) every worker in this process.
@@ -105,7 +106,10 @@ async def running_pipeline(
             async with open_deps(settings) as deps:
                 writers = [LedgerWriter(settings, ledger)] if ledger is not None else []
                 # The till's intake needs the ledger: without one, the chain starts at Jackpot.
-                stages = [s for s in stages_for("all", settings) if ledger or s != Stage.INTAKE]
+                with_intake = intake and ledger is not None
+                stages = [
+                    s for s in stages_for("all", settings) if with_intake or s != Stage.INTAKE
+                ]
                 deps = dataclasses.replace(deps, ledger=ledger)
                 runner = Runner(settings, handlers(deps, stages), consumers=writers)
                 task = asyncio.create_task(runner.run(stop))
