@@ -39,7 +39,20 @@ BRIDGE_IMAGE = "voucher-bridge:latest"
 SANDBOX = "sandbox"
 # A stand-in for the one variable compose.yaml requires (`${BRIDGE_KEY_SECRETS:?...}`).
 REQUIRED_FOR_TESTS = {"BRIDGE_KEY_SECRETS": "test-only-key-secret-0123456789"}
-NAMED_VOLUMES = {"rabbitmq-data", "pdfs", "spool", "prometheus-data", "grafana-data"}
+NAMED_VOLUMES = {
+    "rabbitmq-data",
+    "postgres-data",
+    "pdfs",
+    "spool",
+    "prometheus-data",
+    "grafana-data",
+}
+# Variables compose.yaml passes to the bridge ahead of the code that reads them: the ledger's
+# roles (a `database_url` setting) land separately. Settings ignore unknown BRIDGE_* variables.
+AHEAD_OF_SETTINGS = {"BRIDGE_DATABASE_URL"}
+DATABASE_URL = "postgresql://bridge:bridge@postgres:5432/bridge"
+LOCK = ROOT / "requirements.lock"
+LOCK_TEST_SECTION = "# --- test extra ---"
 
 # What RabbitMQ's Prometheus plugin (rabbitmq_prometheus, 3.13) emits on /metrics/detailed for
 # each family the `rabbitmq-queues` job asks for (prometheus_rabbitmq_core_metrics_collector).
@@ -298,6 +311,13 @@ def _settings_for(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> S
 # compose.yaml
 
 
+def test_compose_names_no_project_so_compose_v1_reads_it(compose: dict[str, Any]) -> None:
+    # docker-compose 1.29 rejects a top-level `name:`; COMPOSE_PROJECT_NAME or -p name it.
+    assert set(compose) <= {"services", "volumes", "networks", "configs", "secrets"} | {
+        key for key in compose if key.startswith("x-")
+    }
+
+
 def test_compose_follows_the_compose_specification(compose: dict[str, Any]) -> None:
     schema_file = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
     schema = json.loads(schema_file.read_text())
@@ -350,7 +370,7 @@ def test_bridge_services_share_their_setup(bridge_services: dict[str, dict[str, 
 
 
 def test_compose_uses_only_real_settings(compose: dict[str, Any]) -> None:
-    known = _settings_variables()
+    known = _settings_variables() | AHEAD_OF_SETTINGS
     used = {name for name in _variables(compose) if name.upper().startswith(ENV_PREFIX)}
     assert used, "compose.yaml should configure the bridge through BRIDGE_* variables"
     assert used <= known, f"not settings: {sorted(used - known)}"
@@ -408,7 +428,10 @@ def test_the_ingress_keeps_its_spool_and_answers_outside(
     ingress = services["ingress"]
     assert ingress["command"] == ["ingress"]
     assert f"spool:{_image_env()['BRIDGE_SPOOL_DIR']}" in ingress["volumes"]
-    assert f"{_default('http_port')}:{_default('http_port')}" in ingress["ports"]
+    (published,) = _resolve(ingress["ports"], {})
+    assert published == f"0.0.0.0:{_default('http_port')}:{_default('http_port')}"
+    (elsewhere,) = _resolve(ingress["ports"], {"INGRESS_BIND_ADDR": "127.0.0.2"})
+    assert elsewhere.startswith("127.0.0.2:")
     script = _healthcheck_script(ingress["healthcheck"]["test"])
     assert f"127.0.0.1:{_default('http_port')}/readyz" in script
 
@@ -422,6 +445,33 @@ def test_volumes_are_declared_and_mounts_exist(compose: dict[str, Any]) -> None:
                 assert (ROOT / source).exists(), f"{name}: {source} is missing"
             else:
                 assert source in NAMED_VOLUMES, f"{name}: undeclared volume {source}"
+
+
+def test_postgres_is_ready_for_the_ledger(
+    services: dict[str, dict[str, Any]], bridge_services: dict[str, dict[str, Any]]
+) -> None:
+    postgres = services["postgres"]
+    assert postgres["image"] == "postgres:15"
+    environment = _resolve(postgres["environment"], {})
+    assert environment == {
+        "POSTGRES_USER": "bridge",
+        "POSTGRES_PASSWORD": "bridge",
+        "POSTGRES_DB": "bridge",
+    }
+    assert "postgres-data:/var/lib/postgresql/data" in postgres["volumes"]
+    assert "ports" not in postgres, "the database is reached through the compose network only"
+    kind, script = postgres["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    assert script.startswith("pg_isready ")
+    assert "$$POSTGRES_USER" in script
+    assert "$$POSTGRES_DB" in script
+    for name, service in bridge_services.items():
+        if name == SANDBOX:
+            continue
+        url = _resolve(service["environment"], REQUIRED_FOR_TESTS)["BRIDGE_DATABASE_URL"]
+        assert url == DATABASE_URL, name
+        # Activations must not wait for the ledger's database.
+        assert "postgres" not in service["depends_on"], name
 
 
 def test_rabbitmq_has_management_and_prometheus(services: dict[str, dict[str, Any]]) -> None:
@@ -469,7 +519,7 @@ def test_dockerfile_builds_in_two_stages() -> None:
 def test_dockerfile_copies_what_pip_install_needs() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
-    wanted = {"pyproject.toml", project["project"]["readme"], *packages}
+    wanted = {"pyproject.toml", project["project"]["readme"], LOCK.name, *packages}
     copied: set[str] = set()
     for keyword, arguments in _dockerfile():
         if keyword == "COPY" and not arguments.startswith("--"):
@@ -523,6 +573,60 @@ def test_dockerfile_healthcheck_tries_the_ingress_then_the_worker_port(status_po
     assert _run_python(script, ingress) == 0
     assert _run_python(script, worker) == 0
     assert _run_python(script, neither) == 1
+
+
+def test_dockerfile_installs_the_locked_runtime_then_the_project_alone() -> None:
+    runs = [args for keyword, args in _dockerfile() if keyword == "RUN"]
+    installs = [run for run in runs if " install " in run]
+    locked = [run for run in installs if "--require-hashes" in run]
+    assert len(locked) == 1
+    assert "--no-deps" in locked[0]
+    assert f"/^{LOCK_TEST_SECTION}$/q" in locked[0], "the image installs only the runtime section"
+    (project,) = [run for run in installs if run not in locked]
+    assert "--no-deps ." in project
+    # No installer or build tool in the venv the final stage copies.
+    assert any("venv --without-pip /opt/venv" in run for run in runs)
+
+
+# The lock
+
+
+def _lock_sections() -> tuple[set[str], set[str]]:
+    runtime_text, separator, test_text = LOCK.read_text().partition(f"\n{LOCK_TEST_SECTION}\n")
+    assert separator, f"requirements.lock has no {LOCK_TEST_SECTION!r} line"
+
+    def names(text: str) -> set[str]:
+        pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==\S+", text, flags=re.MULTILINE)
+        return {re.sub(r"[-_.]+", "-", pin).lower() for pin in pins}
+
+    return names(runtime_text), names(test_text)
+
+
+def _requirement_name(requirement: str) -> str:
+    name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+    assert name, requirement
+    return re.sub(r"[-_.]+", "-", name[0]).lower()
+
+
+def test_the_lock_pins_every_dependency_with_hashes() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime, test_only = _lock_sections()
+    assert not runtime & test_only, "a package is pinned twice"
+    assert {_requirement_name(r) for r in project["dependencies"]} <= runtime
+    assert {_requirement_name(r) for r in project["optional-dependencies"]["test"]} <= (
+        runtime | test_only
+    )
+    assert {"asyncpg", "aiohttp"} <= runtime
+    assert "trustme" in test_only
+    requirements = [line for line in LOCK.read_text().splitlines() if "==" in line]
+    assert all(line.rstrip().endswith("\\") for line in requirements), "every pin has hashes"
+
+
+def test_make_install_uses_the_lock() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--no-deps --require-hashes -r requirements.lock" in makefile
+    assert "pip install --quiet --no-deps -e ." in makefile
+    assert re.search(r"^\$\(STAMP\): .*requirements\.lock", makefile, flags=re.MULTILINE)
 
 
 # Prometheus
