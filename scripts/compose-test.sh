@@ -13,11 +13,13 @@
 #   3. scaled to pdfs=3 doshii=2 reservations=2: the broker shows that many consumers per queue
 #      and a connection named for the role and host of every replica; Prometheus scrapes every
 #      replica;
-#   4. a bounded load through the ingress container (COMPOSE_TEST_VOUCHERS, default 300): one
+#   4. a bounded load through the load balancer (COMPOSE_TEST_VOUCHERS, default 300): one
 #      replica of each worker role is killed, then the RabbitMQ container is restarted; every
 #      voucher ends activated exactly once (read from the Doshii sandbox), no dead letters;
 #   5. `stop` of every bridge service under load: each exits 0 within its grace period; once
 #      started again, every voucher ends activated exactly once;
+#  5b. the ingress scaled to 3 behind the load balancer (`lb`, :8080): a load through it is
+#      accepted by every replica, all three are scraped, every voucher activated once;
 #   6. `down -v` leaves no container, volume or network of the project.
 # Prints a table (step, result, seconds) and exits 1 on any failure (2: cannot run here).
 # COMPOSE_TEST_SCREENSHOT=docs/rabbitmq-queues.png also saves the management UI's queues page
@@ -141,7 +143,7 @@ queue_field() { # queue, field
 # A load inside the sandbox container, in the background; its JSON summary lands in $1.
 start_load() {
     docker exec "$(cid sandbox)" python -m sandbox.load --vouchers "$VOUCHERS" \
-        --rate "$RATE_PER_S" --ingress http://ingress:8080 >"$1" 2>"$1.log" &
+        --rate "$RATE_PER_S" --ingress http://lb:8080 >"$1" 2>"$1.log" &
     LOAD_PID=$!
 }
 finish_load() { # summary file -> "" when every voucher was activated once, else why not
@@ -186,11 +188,17 @@ wait_settled() {
     done
 }
 
-spooled() { # notifications the ingress has answered `spooled` (the broker away) since it started
-    ops_get "http://$INGRESS_BIND_ADDR:8080/metrics" | python3 -c '
-import re, sys
-total = sum(float(m[1]) for m in re.finditer(r"^bridge_ingress_requests_total\{[^}]*outcome=\"spooled\"[^}]*\} (\S+)", sys.stdin.read(), re.M))
-print(int(total))'
+answered() { # container, outcome: notifications that ingress replica has answered so, so far
+    docker exec "$1" python -c '
+import re, sys, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:8080/metrics", timeout=5).read().decode()
+pattern = r"^bridge_ingress_requests_total\{[^}]*outcome=\"%s\"[^}]*\} (\S+)" % sys.argv[1]
+print(int(sum(float(m[1]) for m in re.finditer(pattern, text, re.M))))' "$2"
+}
+spooled() { # notifications every ingress replica has answered `spooled` (the broker away)
+    local total=0
+    for id in $(containers ingress); do total=$((total + $(answered "$id" spooled))); done
+    echo "$total"
 }
 
 cleanup() {
@@ -199,7 +207,7 @@ cleanup() {
     if [[ -z "${DOWN_DONE:-}" && -z "${COMPOSE_TEST_KEEP:-}" ]]; then
         dc down -v --remove-orphans >/dev/null 2>&1
     fi
-    rm -rf "$WORK"
+    if ((status == 0)); then rm -rf "$WORK"; else say "logs of the failed run kept in $WORK"; fi
     exit "$status"
 }
 trap cleanup EXIT
@@ -385,6 +393,48 @@ step_stop() {
     record "5 stop under load" PASS $((SECONDS - started)) "${#ids[@]} processes exited 0, stop took ${took}s (grace ${GRACE_S}s); $(load_detail "$WORK/load5.json")"
 }
 
+# 5b. The ingress scaled to 3 behind the load balancer: every replica takes part, is scraped.
+step_ingress_scale() {
+    local started=$SECONDS why="" args=(--scale ingress=3) before=() ids=()
+    for role in "${!SCALE[@]}"; do args+=(--scale "$role=${SCALE[$role]}"); done
+    if ! dc up -d --no-recreate "${args[@]}" "${SERVICES[@]}" >"$WORK/scale-ingress.log" 2>&1; then
+        record "5b ingress x3 behind lb" FAIL $((SECONDS - started)) "scale failed: $(tail -2 "$WORK/scale-ingress.log" | tr '\n' ' ')"
+        return 1
+    fi
+    if ! why="$(wait_healthy)"; then
+        record "5b ingress x3 behind lb" FAIL $((SECONDS - started)) "not healthy: $why"
+        return 1
+    fi
+    why=""
+    mapfile -t ids < <(containers ingress)
+    ((${#ids[@]} == 3)) || why="$why ${#ids[@]} ingress replicas;"
+    # HAProxy and Prometheus both find replicas by DNS: wait until Prometheus has all three.
+    local deadline=$((SECONDS + SCRAPE_TIMEOUT_S)) scraped=0
+    until ((scraped == 3)); do
+        scraped="$(ops_get "http://$OPS:9090/api/v1/targets?state=active" | json "
+print(sum(t['labels'].get('job') == 'ingress' and t['health'] == 'up' for t in data['data']['activeTargets']))")"
+        ((SECONDS < deadline)) || { why="$why Prometheus scrapes $scraped ingress replicas;"; break; }
+        ((scraped == 3)) || sleep 3
+    done
+    for id in "${ids[@]}"; do before+=("$(answered "$id" accepted)"); done
+    start_load "$WORK/load5b.json"
+    local lost
+    lost="$(finish_load "$WORK/load5b.json")"
+    why="$why$lost"
+    local shares=() index=0
+    for id in "${ids[@]}"; do
+        local took=$(($(answered "$id" accepted) - before[index]))
+        shares+=("$took")
+        ((took > 0)) || why="$why replica $(docker inspect -f '{{.Config.Hostname}}' "$id") took none;"
+        index=$((index + 1))
+    done
+    if [[ -n "$why" ]]; then
+        record "5b ingress x3 behind lb" FAIL $((SECONDS - started)) "$why"
+        return 1
+    fi
+    record "5b ingress x3 behind lb" PASS $((SECONDS - started)) "accepted per replica ${shares[*]}, 3 scraped; $(load_detail "$WORK/load5b.json")"
+}
+
 # 6. down -v: nothing of the project left.
 step_down() {
     local started=$SECONDS left
@@ -406,6 +456,7 @@ say "project $PROJECT, ${COMPOSE[*]}, ops on $OPS"
 if step_up && step_story && step_scale; then
     step_chaos
     step_stop
+    step_ingress_scale
 fi
 if [[ -n "${COMPOSE_TEST_KEEP:-}" ]]; then
     say "COMPOSE_TEST_KEEP: the stack stays up (${COMPOSE[*]} -p $PROJECT --profile demo down -v)"

@@ -422,18 +422,44 @@ def test_the_bridge_defaults_point_at_the_sandbox(
     assert args.doshii_client_secret == settings.doshii_client_secret.get_secret_value()
 
 
-def test_the_ingress_keeps_its_spool_and_answers_outside(
+def test_the_ingress_keeps_its_spool_and_scales_behind_the_load_balancer(
     services: dict[str, dict[str, Any]],
 ) -> None:
+    port = _default("http_port")
     ingress = services["ingress"]
     assert ingress["command"] == ["ingress"]
     assert f"spool:{_image_env()['BRIDGE_SPOOL_DIR']}" in ingress["volumes"]
-    (published,) = _resolve(ingress["ports"], {})
-    assert published == f"0.0.0.0:{_default('http_port')}:{_default('http_port')}"
-    (elsewhere,) = _resolve(ingress["ports"], {"INGRESS_BIND_ADDR": "127.0.0.2"})
-    assert elsewhere.startswith("127.0.0.2:")
+    # `--scale ingress=3`: a fixed name or host port would collide.
+    assert "ports" not in ingress
+    assert "container_name" not in ingress
     script = _healthcheck_script(ingress["healthcheck"]["test"])
-    assert f"127.0.0.1:{_default('http_port')}/readyz" in script
+    assert f"127.0.0.1:{port}/readyz" in script
+
+    lb = services["lb"]
+    assert lb["image"].startswith("haproxy:")
+    (published,) = _resolve(lb["ports"], {})
+    assert published == f"0.0.0.0:{port}:8080"
+    (elsewhere,) = _resolve(lb["ports"], {"INGRESS_BIND_ADDR": "127.0.0.2"})
+    assert elsewhere.startswith("127.0.0.2:")
+    assert lb["depends_on"]["ingress"]["condition"] == "service_healthy"
+    mounts = dict(v.split(":")[:2] for v in lb["volumes"])
+    assert mounts["./deploy/haproxy/haproxy.cfg"] == "/usr/local/etc/haproxy/haproxy.cfg"
+
+    haproxy = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    assert re.search(r"^\s*bind :8080$", haproxy, flags=re.MULTILINE)
+    # Every replica, found by the service's name: one DNS answer per container.
+    template = re.search(r"^\s*server-template \S+ (\d+) (\S+) (.*)$", haproxy, flags=re.MULTILINE)
+    assert template, "no server-template: the replicas would not be found"
+    assert int(template[1]) >= 3
+    assert template[2] == f"ingress:{port}"
+    assert "check" in template[3].split()
+    assert "resolvers docker" in template[3]
+    assert "nameserver dns 127.0.0.11:53" in haproxy
+    assert "option httpchk GET /readyz" in haproxy
+
+    # The story sends its notifications where Jackpot would: to the load balancer.
+    story = services[SANDBOX]["command"]
+    assert story[story.index("--story") + 1] == "http://lb:8080"
 
 
 def test_volumes_are_declared_and_mounts_exist(compose: dict[str, Any]) -> None:
@@ -638,7 +664,10 @@ def test_prometheus_scrapes_ingress_workers_and_rabbitmq(
     def targets(job: str) -> list[str]:
         return [t for config in prometheus[job]["static_configs"] for t in config["targets"]]
 
-    assert targets("ingress") == [f"ingress:{_default('http_port')}"]
+    (replicas,) = prometheus["ingress"]["dns_sd_configs"]
+    assert replicas["names"] == ["ingress"]
+    assert replicas["type"] == "A"
+    assert replicas["port"] == _default("http_port")
     assert prometheus["ingress"].get("metrics_path", "/metrics") == "/metrics"
 
     (discovery,) = prometheus["workers"]["dns_sd_configs"]
@@ -651,8 +680,8 @@ def test_prometheus_scrapes_ingress_workers_and_rabbitmq(
     assert prometheus["rabbitmq-queues"]["metrics_path"] == "/metrics/detailed"
     assert set(prometheus["rabbitmq-queues"]["params"]["family"]) <= set(RABBITMQ_DETAILED_FAMILIES)
 
-    hosts = {t.split(":")[0] for job in ("ingress", "rabbitmq") for t in targets(job)}
-    assert hosts | set(discovery["names"]) <= set(services)
+    hosts = {t.split(":")[0] for t in targets("rabbitmq")}
+    assert hosts | set(discovery["names"]) | set(replicas["names"]) <= set(services)
 
 
 # Grafana
