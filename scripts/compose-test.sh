@@ -20,7 +20,10 @@
 #      started again, every voucher ends activated exactly once;
 #  5b. the ingress scaled to 3 behind the load balancer (`lb`, :8080): a load through it is
 #      accepted by every replica, all three are scraped, every voucher activated once;
-#   6. `down -v` leaves no container, volume or network of the project.
+#   6. `down -v` leaves no container, volume or network of the project;
+#   7. with compose.cluster.yaml (COMPOSE_TEST_CLUSTER=0 skips it): three RabbitMQ nodes form one
+#      cluster, every work queue has a member on each, a load goes through while a node is
+#      stopped and started again, every voucher activated once; then `down -v` again.
 # Prints a table (step, result, seconds) and exits 1 on any failure (2: cannot run here).
 # COMPOSE_TEST_SCREENSHOT=docs/rabbitmq-queues.png also saves the management UI's queues page
 # during step 3 (headless Chromium, scripts/rabbitmq_screenshot.py). COMPOSE_TEST_KEEP=1 leaves the stack up at the end.
@@ -74,7 +77,8 @@ for tool in curl python3; do
 done
 
 WORK="$(mktemp -d)"
-dc() { "${COMPOSE[@]}" -p "$PROJECT" -f compose.yaml --profile demo "$@"; }
+FILES=(-f compose.yaml)
+dc() { "${COMPOSE[@]}" -p "$PROJECT" "${FILES[@]}" --profile demo "$@"; }
 
 # Every service but those whose image is neither here nor built by us (Grafana on a machine with
 # no registry).
@@ -437,7 +441,7 @@ print(sum(t['labels'].get('job') == 'ingress' and t['health'] == 'up' for t in d
 
 # 6. down -v: nothing of the project left.
 step_down() {
-    local started=$SECONDS left
+    local started=$SECONDS left step="${1:-6 down -v}"
     dc down -v --remove-orphans >/dev/null 2>&1
     DOWN_DONE=1
     left="$(
@@ -446,10 +450,52 @@ step_down() {
         docker network ls -q --filter "label=com.docker.compose.project=$PROJECT"
     )"
     if [[ -n "$left" ]]; then
-        record "6 down -v" FAIL $((SECONDS - started)) "left: $(echo "$left" | tr '\n' ' ')"
+        record "$step" FAIL $((SECONDS - started)) "left: $(echo "$left" | tr '\n' ' ')"
         return 1
     fi
-    record "6 down -v" PASS $((SECONDS - started)) "no container, volume or network left"
+    record "$step" PASS $((SECONDS - started)) "no container, volume or network left"
+}
+
+# 7. Three RabbitMQ nodes (compose.cluster.yaml): one cluster, queues on every node, a node lost.
+step_cluster() {
+    local started=$SECONDS why="" nodes=(rabbitmq rabbitmq-2 rabbitmq-3)
+    PROJECT="$PROJECT-cluster"
+    FILES+=(-f compose.cluster.yaml)
+    DOWN_DONE=""
+    export RABBITMQ_ERLANG_COOKIE="${RABBITMQ_ERLANG_COOKIE:-$(python3 -c 'import secrets; print(secrets.token_hex(20))')}"
+    dc down -v --remove-orphans >/dev/null 2>&1
+    if ! dc up -d "${SERVICES[@]}" rabbitmq-2 rabbitmq-3 >"$WORK/cluster.log" 2>&1; then
+        record "7 three-node cluster" FAIL $((SECONDS - started)) "up failed: $(tail -2 "$WORK/cluster.log" | tr '\n' ' ')"
+        return 1
+    fi
+    if ! why="$(wait_healthy)"; then
+        record "7 three-node cluster" FAIL $((SECONDS - started)) "not healthy: $why"
+        return 1
+    fi
+    why=""
+    local running
+    running="$(rabbit_api nodes | json "print(sum(n['running'] for n in data))")"
+    [[ "$running" == 3 ]] || why="$why $running nodes running;"
+    members() { rabbit_api "queues/%2F/$NAMESPACE.$1" | json "print(len(data.get('members', [])))"; }
+    for role in "${ROLES[@]}"; do
+        [[ "$(members "$role")" == 3 ]] || why="$why $role has $(members "$role") members;"
+    done
+    # The bridge's connections are on the first node (BRIDGE_AMQP_URL): lose another one.
+    start_load "$WORK/load7.json"
+    sleep 3
+    dc stop "${nodes[2]}" >/dev/null 2>&1
+    local lost
+    lost="$(finish_load "$WORK/load7.json")"
+    why="$why$lost"
+    dc start "${nodes[2]}" >/dev/null 2>&1
+    wait_healthy >/dev/null || why="$why ${nodes[2]} did not come back;"
+    running="$(rabbit_api nodes | json "print(sum(n['running'] for n in data))")"
+    [[ "$running" == 3 ]] || why="$why $running nodes running after the restart;"
+    if [[ -n "$why" ]]; then
+        record "7 three-node cluster" FAIL $((SECONDS - started)) "$why"
+        return 1
+    fi
+    record "7 three-node cluster" PASS $((SECONDS - started)) "3 nodes, every work queue on all 3; ${nodes[2]} stopped under load: $(load_detail "$WORK/load7.json")"
 }
 
 say "project $PROJECT, ${COMPOSE[*]}, ops on $OPS"
@@ -462,6 +508,10 @@ if [[ -n "${COMPOSE_TEST_KEEP:-}" ]]; then
     say "COMPOSE_TEST_KEEP: the stack stays up (${COMPOSE[*]} -p $PROJECT --profile demo down -v)"
 else
     step_down
+    if [[ "${COMPOSE_TEST_CLUSTER:-1}" != 0 ]]; then
+        step_cluster
+        step_down "7 cluster down -v"
+    fi
 fi
 print_table
 ((FAILED == 0))

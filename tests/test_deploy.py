@@ -48,8 +48,24 @@ NAMED_VOLUMES = {
     "grafana-data",
 }
 # Variables compose.yaml passes to the bridge ahead of the code that reads them: the ledger's
-# roles (a `database_url` setting) land separately. Settings ignore unknown BRIDGE_* variables.
-AHEAD_OF_SETTINGS = {"BRIDGE_DATABASE_URL"}
+# roles (a `database_url` setting) and the broker's TLS land separately. Settings ignore
+# unknown BRIDGE_* variables.
+AHEAD_OF_SETTINGS = {
+    "BRIDGE_DATABASE_URL",
+    "BRIDGE_AMQP_CA_FILE",
+    "BRIDGE_AMQP_CERT_FILE",
+    "BRIDGE_AMQP_KEY_FILE",
+    "BRIDGE_AMQP_CONNECT_TIMEOUT_S",
+}
+# Broker settings every bridge service passes through from the shell or .env when set.
+BROKER_PASS_THROUGH = AHEAD_OF_SETTINGS - {"BRIDGE_DATABASE_URL"} | {
+    "BRIDGE_PUBLISH_TIMEOUT_S",
+    "BRIDGE_PREFETCH",
+    "BRIDGE_CONCURRENCY",
+    "BRIDGE_DELIVERY_LIMIT",
+    "BRIDGE_RETRY_TIERS_S",
+    "BRIDGE_QUICK_RETRIES",
+}
 DATABASE_URL = "postgresql://bridge:bridge@postgres:5432/bridge"
 LOCK = ROOT / "requirements.lock"
 LOCK_TEST_SECTION = "# --- test extra ---"
@@ -303,7 +319,8 @@ def _settings_for(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> S
             monkeypatch.delenv(name)
     environment = _resolve(service.get("environment", {}), REQUIRED_FOR_TESTS)
     for name, value in {**_image_env(), **environment}.items():
-        if name.startswith(ENV_PREFIX):
+        # A variable with no value is passed through only when set where compose runs.
+        if name.startswith(ENV_PREFIX) and value is not None:
             monkeypatch.setenv(name, str(value))
     return load_settings()
 
@@ -378,8 +395,9 @@ def test_compose_uses_only_real_settings(compose: dict[str, Any]) -> None:
         for name, value in service.get("environment", {}).items():
             if name.startswith(ENV_PREFIX):
                 assert name in known, name
-                # Each variable is set from the one of the same name, so .env works as expected.
-                assert _variables(value) == {name}, f"{name}: {value!r}"
+                # Each variable is set from the one of the same name, so .env works as expected;
+                # one with no value is passed through from the shell or .env when set there.
+                assert value is None or _variables(value) == {name}, f"{name}: {value!r}"
 
 
 def test_key_secrets_have_no_default(bridge_services: dict[str, dict[str, Any]]) -> None:
@@ -465,12 +483,35 @@ def test_the_ingress_keeps_its_spool_and_scales_behind_the_load_balancer(
 def test_volumes_are_declared_and_mounts_exist(compose: dict[str, Any]) -> None:
     assert set(compose["volumes"]) == NAMED_VOLUMES
     for name, service in compose["services"].items():
-        for volume in service.get("volumes", []):
+        for volume in _resolve(service.get("volumes", []), {}):
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (ROOT / source).exists(), f"{name}: {source} is missing"
             else:
                 assert source in NAMED_VOLUMES, f"{name}: undeclared volume {source}"
+
+
+def test_every_broker_setting_can_come_from_env(
+    bridge_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, service in bridge_services.items():
+        if name == SANDBOX:
+            continue
+        environment = service["environment"]
+        assert (
+            environment["BRIDGE_AMQP_URL"]
+            == "${BRIDGE_AMQP_URL:-amqp://guest:guest@rabbitmq:5672/}"
+        )
+        for variable in BROKER_PASS_THROUGH:
+            assert variable in environment, f"{name}: {variable} cannot be set from .env"
+            assert environment[variable] is None, f"{name}: {variable} must pass through"
+        # The TLS files live in a folder mounted into every bridge container.
+        mounts = _resolve(service["volumes"], {})
+        assert "./deploy/tls:/etc/voucher-bridge/tls:ro" in mounts, name
+    assert (DEPLOY / "tls" / "README.md").exists()
+    # Unset, a pass-through variable leaves the bridge's default.
+    settings = _settings_for(bridge_services["pdfs"], monkeypatch)
+    assert settings.prefetch == _default("prefetch")
 
 
 def test_postgres_is_ready_for_the_ledger(
@@ -509,7 +550,7 @@ def test_rabbitmq_has_management_and_prometheus(services: dict[str, dict[str, An
     assert set(match[1].split(",")) >= {"rabbitmq_management", "rabbitmq_prometheus"}
     published = {port.rsplit(":", 1)[-1] for port in _resolve(rabbitmq["ports"], {})}
     assert published >= {"5672", "15672", "15692"}
-    assert rabbitmq["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+    assert rabbitmq["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "check_running"]
     assert "rabbitmq-data:/var/lib/rabbitmq" in rabbitmq["volumes"]
 
 
@@ -737,3 +778,68 @@ def test_grafana_loads_the_dashboard_and_lets_viewers_in(
     assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     home = environment["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/voucher-bridge.json"
+
+
+# compose.cluster.yaml: three RabbitMQ nodes
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, Any]:
+    document = _load_yaml(ROOT / "compose.cluster.yaml")
+    assert isinstance(document, dict)
+    return document
+
+
+def test_the_cluster_file_follows_the_compose_specification(cluster: dict[str, Any]) -> None:
+    schema_file = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    validator = jsonschema.Draft202012Validator(json.loads(schema_file.read_text()))
+    env = {**REQUIRED_FOR_TESTS, "RABBITMQ_ERLANG_COOKIE": "test-cookie"}
+    for document in (cluster, _resolve(cluster, env)):
+        assert [f"{e.json_path}: {e.message}" for e in validator.iter_errors(document)] == []
+    assert set(cluster) <= {"services", "volumes"} | {k for k in cluster if k.startswith("x-")}
+
+
+def test_the_cluster_nodes_find_each_other_and_share_a_cookie(
+    cluster: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    nodes = {
+        "rabbitmq": services["rabbitmq"],
+        **{name: svc for name, svc in cluster["services"].items() if name.startswith("rabbitmq-")},
+    }
+    assert len(nodes) == 3
+    conf = (DEPLOY / "rabbitmq" / "cluster.conf").read_text()
+    listed = re.findall(
+        r"^cluster_formation\.classic_config\.nodes\.\d+ = rabbit@(\S+)$", conf, re.M
+    )
+    assert sorted(listed) == sorted(nodes)
+    assert "peer_discovery_backend = classic_config" in conf
+    for name, node in nodes.items():
+        merged = cluster["services"][name]
+        assert node.get("hostname") == name, f"{name}: the node name must be rabbit@{name}"
+        with pytest.raises(LookupError, match="RABBITMQ_ERLANG_COOKIE"):
+            _resolve(merged["environment"], {})
+        mounts = {v.split(":")[1] for v in merged["volumes"]}
+        assert "/etc/rabbitmq/conf.d/20-cluster.conf" in mounts, name
+        if name != "rabbitmq":
+            assert node["image"] == services["rabbitmq"]["image"]
+            assert "/etc/rabbitmq/enabled_plugins" in mounts, name
+            assert "ports" not in node, f"{name}: only the first node is published"
+            assert node["healthcheck"]["test"][-1] == "check_running"
+    declared = set(cluster["volumes"])
+    for name in nodes:
+        for volume in cluster["services"][name]["volumes"]:
+            source = volume.split(":")[0]
+            assert source.startswith("./") or source in declared, f"{name}: {source}"
+
+
+def test_the_bridge_waits_for_every_node_before_declaring_queues(
+    cluster: dict[str, Any], bridge_services: dict[str, dict[str, Any]]
+) -> None:
+    # Quorum queues get members on the nodes in the cluster when they are declared.
+    nodes = {"rabbitmq", *(n for n in cluster["services"] if n.startswith("rabbitmq-"))}
+    for name in bridge_services:
+        if name == SANDBOX:
+            continue
+        depends_on = cluster["services"][name]["depends_on"]
+        assert set(depends_on) == nodes, name
+        assert {c["condition"] for c in depends_on.values()} == {"service_healthy"}, name
