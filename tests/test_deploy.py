@@ -644,7 +644,7 @@ def test_dockerfile_healthcheck_tries_the_ingress_then_the_worker_port(status_po
 
 def test_dockerfile_installs_the_locked_runtime_then_the_project_alone() -> None:
     runs = [args for keyword, args in _dockerfile() if keyword == "RUN"]
-    installs = [run for run in runs if " install " in run]
+    installs = [run for run in runs if " pip " in run and " install " in run]
     locked = [run for run in installs if "--require-hashes" in run]
     assert len(locked) == 1
     assert "--no-deps" in locked[0]
@@ -653,6 +653,11 @@ def test_dockerfile_installs_the_locked_runtime_then_the_project_alone() -> None
     assert "--no-deps ." in project
     # No installer or build tool in the venv the final stage copies.
     assert any("venv --without-pip /opt/venv" in run for run in runs)
+    instructions = _dockerfile()
+    final = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    final_runs = " ".join(args for keyword, args in instructions[final:] if keyword == "RUN")
+    assert "apt-get" not in final_runs, "build tools are for the builder stage only"
+    assert " pip " not in final_runs
 
 
 # The lock
