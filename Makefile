@@ -5,12 +5,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install lint format typecheck test pytest bench demo chaos broker postgres db-upgrade clean
+.PHONY: install lock lint format typecheck test pytest bench demo chaos broker postgres db-upgrade \
+	clean compose-test
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every dependency (the image's and the tests'), so the tests run what
+# ships; the project itself goes in with --no-deps, and `pip check` fails on a stale lock.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,6 +24,14 @@ install: $(STAMP)
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(BENCH_STAMP)
+
+# Resolve pyproject.toml's dependencies again and rewrite requirements.lock (uv, pinned here;
+# UV_NATIVE_TLS: trust the system's CA store, as pip does).
+UV_VERSION := 0.13.9
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	UV_NATIVE_TLS=1 $(BIN)/python scripts/lock.py $(BIN)/uv
 
 broker:
 	./scripts/ensure-broker.sh
@@ -54,6 +67,10 @@ demo: install broker postgres
 
 chaos: install broker postgres
 	$(BIN)/pytest -m chaos -s
+
+# Build the image and run the stack for real (needs root and a Docker engine; not in `test`).
+compose-test:
+	./scripts/compose-test.sh
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache .hypothesis

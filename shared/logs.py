@@ -119,10 +119,29 @@ def configure(
         logger_factory=lambda *_: writer,
         cache_logger_on_first_use=cache,
     )
-    # Libraries log through the standard library; keep their warnings, in the same stream.
-    logging.basicConfig(stream=stream, level=logging.WARNING, format="%(name)s %(message)s")
+    # Libraries (aiormq, aiohttp) log through the standard library; keep their warnings, in the
+    # same stream and the same shape, so a JSON log collector never meets a bare traceback.
+    logging.basicConfig(level=logging.WARNING, handlers=[library_handler(stream, renderer)])
     # aiohttp's access log line holds the query string, which carries the notificationKey.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+def library_handler(stream: TextIO, renderer: Any) -> logging.Handler:
+    """A standard-library handler rendering each record as structlog renders its own events:
+    `event`, `logger`, `level`, `timestamp`, and the traceback as `exception`, on one line."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.stdlib.add_log_level,
+                IsoTimestamp(),
+                structlog.processors.format_exc_info,
+            ],
+        )
+    )
+    return handler
 
 
 def redact_url(url: str | None) -> str | None:

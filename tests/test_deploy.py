@@ -38,10 +38,41 @@ DEPLOY = ROOT / "deploy"
 BRIDGE_IMAGE = "voucher-bridge:latest"
 # The worker roles this build runs (a queue declared for a worker not built yet needs none).
 STAGES = list(HANDLER_FACTORIES)
+# The services that need the ledger's database, and so may wait for it.
+LEDGER_SERVICES = {"db-upgrade", "ledger", "sweeper", "intake"}
 SANDBOX = "sandbox"
 # A stand-in for the one variable compose.yaml requires (`${BRIDGE_KEY_SECRETS:?...}`).
 REQUIRED_FOR_TESTS = {"BRIDGE_KEY_SECRETS": "test-only-key-secret-0123456789"}
-NAMED_VOLUMES = {"rabbitmq-data", "pdfs", "spool", "prometheus-data", "grafana-data"}
+NAMED_VOLUMES = {
+    "rabbitmq-data",
+    "postgres-data",
+    "pdfs",
+    "spool",
+    "prometheus-data",
+    "grafana-data",
+}
+# Variables compose.yaml passes to the bridge ahead of the code that reads them: the ledger's
+# roles (a `database_url` setting) and the broker's TLS land separately. Settings ignore
+# unknown BRIDGE_* variables.
+AHEAD_OF_SETTINGS = {
+    "BRIDGE_DATABASE_URL",
+    "BRIDGE_AMQP_CA_FILE",
+    "BRIDGE_AMQP_CERT_FILE",
+    "BRIDGE_AMQP_KEY_FILE",
+    "BRIDGE_AMQP_CONNECT_TIMEOUT_S",
+}
+# Broker settings every bridge service passes through from the shell or .env when set.
+BROKER_PASS_THROUGH = AHEAD_OF_SETTINGS - {"BRIDGE_DATABASE_URL"} | {
+    "BRIDGE_PUBLISH_TIMEOUT_S",
+    "BRIDGE_PREFETCH",
+    "BRIDGE_CONCURRENCY",
+    "BRIDGE_DELIVERY_LIMIT",
+    "BRIDGE_RETRY_TIERS_S",
+    "BRIDGE_QUICK_RETRIES",
+}
+DATABASE_URL = "postgresql://bridge:bridge@postgres:5432/bridge"
+LOCK = ROOT / "requirements.lock"
+LOCK_TEST_SECTION = "# --- test extra ---"
 
 # What RabbitMQ's Prometheus plugin (rabbitmq_prometheus, 3.13) emits on /metrics/detailed for
 # each family the `rabbitmq-queues` job asks for (prometheus_rabbitmq_core_metrics_collector).
@@ -292,12 +323,20 @@ def _settings_for(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> S
             monkeypatch.delenv(name)
     environment = _resolve(service.get("environment", {}), REQUIRED_FOR_TESTS)
     for name, value in {**_image_env(), **environment}.items():
-        if name.startswith(ENV_PREFIX):
+        # A variable with no value is passed through only when set where compose runs.
+        if name.startswith(ENV_PREFIX) and value is not None:
             monkeypatch.setenv(name, str(value))
     return load_settings()
 
 
 # compose.yaml
+
+
+def test_compose_names_no_project_so_compose_v1_reads_it(compose: dict[str, Any]) -> None:
+    # docker-compose 1.29 rejects a top-level `name:`; COMPOSE_PROJECT_NAME or -p name it.
+    assert set(compose) <= {"services", "volumes", "networks", "configs", "secrets"} | {
+        key for key in compose if key.startswith("x-")
+    }
 
 
 def test_compose_follows_the_compose_specification(compose: dict[str, Any]) -> None:
@@ -344,7 +383,9 @@ def test_every_worker_role_has_a_scalable_service(services: dict[str, dict[str, 
 def test_bridge_services_share_their_setup(bridge_services: dict[str, dict[str, Any]]) -> None:
     for name, service in bridge_services.items():
         assert service["build"] == ".", name
-        assert service["restart"] == "unless-stopped", name
+        # The migration runs once; everything else stays up.
+        restart = "on-failure" if name == "db-upgrade" else "unless-stopped"
+        assert service["restart"] == restart, name
         if name == SANDBOX:
             continue
         assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
@@ -352,7 +393,7 @@ def test_bridge_services_share_their_setup(bridge_services: dict[str, dict[str, 
 
 
 def test_compose_uses_only_real_settings(compose: dict[str, Any]) -> None:
-    known = _settings_variables()
+    known = _settings_variables() | AHEAD_OF_SETTINGS
     used = {name for name in _variables(compose) if name.upper().startswith(ENV_PREFIX)}
     assert used, "compose.yaml should configure the bridge through BRIDGE_* variables"
     assert used <= known, f"not settings: {sorted(used - known)}"
@@ -360,8 +401,9 @@ def test_compose_uses_only_real_settings(compose: dict[str, Any]) -> None:
         for name, value in service.get("environment", {}).items():
             if name.startswith(ENV_PREFIX):
                 assert name in known, name
-                # Each variable is set from the one of the same name, so .env works as expected.
-                assert _variables(value) == {name}, f"{name}: {value!r}"
+                # Each variable is set from the one of the same name, so .env works as expected;
+                # one with no value is passed through from the shell or .env when set there.
+                assert value is None or _variables(value) == {name}, f"{name}: {value!r}"
 
 
 def test_key_secrets_have_no_default(bridge_services: dict[str, dict[str, Any]]) -> None:
@@ -404,26 +446,106 @@ def test_the_bridge_defaults_point_at_the_sandbox(
     assert args.doshii_client_secret == settings.doshii_client_secret.get_secret_value()
 
 
-def test_the_ingress_keeps_its_spool_and_answers_outside(
+def test_the_ingress_keeps_its_spool_and_scales_behind_the_load_balancer(
     services: dict[str, dict[str, Any]],
 ) -> None:
+    port = _default("http_port")
     ingress = services["ingress"]
     assert ingress["command"] == ["ingress"]
     assert f"spool:{_image_env()['BRIDGE_SPOOL_DIR']}" in ingress["volumes"]
-    assert f"{_default('http_port')}:{_default('http_port')}" in ingress["ports"]
+    # `--scale ingress=3`: a fixed name or host port would collide.
+    assert "ports" not in ingress
+    assert "container_name" not in ingress
     script = _healthcheck_script(ingress["healthcheck"]["test"])
-    assert f"127.0.0.1:{_default('http_port')}/readyz" in script
+    assert f"127.0.0.1:{port}/readyz" in script
+
+    lb = services["lb"]
+    assert lb["image"].startswith("haproxy:")
+    (published,) = _resolve(lb["ports"], {})
+    assert published == f"0.0.0.0:{port}:8080"
+    (elsewhere,) = _resolve(lb["ports"], {"INGRESS_BIND_ADDR": "127.0.0.2"})
+    assert elsewhere.startswith("127.0.0.2:")
+    assert lb["depends_on"]["ingress"]["condition"] == "service_healthy"
+    mounts = dict(v.split(":")[:2] for v in lb["volumes"])
+    assert mounts["./deploy/haproxy/haproxy.cfg"] == "/usr/local/etc/haproxy/haproxy.cfg"
+
+    haproxy = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    assert re.search(r"^\s*bind :8080$", haproxy, flags=re.MULTILINE)
+    # Every replica, found by the service's name: one DNS answer per container.
+    template = re.search(r"^\s*server-template \S+ (\d+) (\S+) (.*)$", haproxy, flags=re.MULTILINE)
+    assert template, "no server-template: the replicas would not be found"
+    assert int(template[1]) >= 3
+    assert template[2] == f"ingress:{port}"
+    assert "check" in template[3].split()
+    assert "resolvers docker" in template[3]
+    assert "nameserver dns 127.0.0.11:53" in haproxy
+    assert "option httpchk GET /readyz" in haproxy
+
+    # The story sends its notifications where Jackpot would: to the load balancer.
+    story = services[SANDBOX]["command"]
+    assert story[story.index("--story") + 1] == "http://lb:8080"
 
 
 def test_volumes_are_declared_and_mounts_exist(compose: dict[str, Any]) -> None:
     assert set(compose["volumes"]) == NAMED_VOLUMES
     for name, service in compose["services"].items():
-        for volume in service.get("volumes", []):
+        for volume in _resolve(service.get("volumes", []), {}):
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (ROOT / source).exists(), f"{name}: {source} is missing"
             else:
                 assert source in NAMED_VOLUMES, f"{name}: undeclared volume {source}"
+
+
+def test_every_broker_setting_can_come_from_env(
+    bridge_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, service in bridge_services.items():
+        if name == SANDBOX:
+            continue
+        environment = service["environment"]
+        assert (
+            environment["BRIDGE_AMQP_URL"]
+            == "${BRIDGE_AMQP_URL:-amqp://guest:guest@rabbitmq:5672/}"
+        )
+        for variable in BROKER_PASS_THROUGH:
+            assert variable in environment, f"{name}: {variable} cannot be set from .env"
+            assert environment[variable] is None, f"{name}: {variable} must pass through"
+        # The TLS files live in a folder mounted into every bridge container.
+        mounts = _resolve(service["volumes"], {})
+        assert "./deploy/tls:/etc/voucher-bridge/tls:ro" in mounts, name
+    assert (DEPLOY / "tls" / "README.md").exists()
+    # Unset, a pass-through variable leaves the bridge's default.
+    settings = _settings_for(bridge_services["pdfs"], monkeypatch)
+    assert settings.prefetch == _default("prefetch")
+
+
+def test_postgres_is_ready_for_the_ledger(
+    services: dict[str, dict[str, Any]], bridge_services: dict[str, dict[str, Any]]
+) -> None:
+    postgres = services["postgres"]
+    assert postgres["image"] == "postgres:15"
+    environment = _resolve(postgres["environment"], {})
+    assert environment == {
+        "POSTGRES_USER": "bridge",
+        "POSTGRES_PASSWORD": "bridge",
+        "POSTGRES_DB": "bridge",
+    }
+    assert "postgres-data:/var/lib/postgresql/data" in postgres["volumes"]
+    assert "ports" not in postgres, "the database is reached through the compose network only"
+    kind, script = postgres["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    assert script.startswith("pg_isready ")
+    assert "$$POSTGRES_USER" in script
+    assert "$$POSTGRES_DB" in script
+    for name, service in bridge_services.items():
+        if name == SANDBOX:
+            continue
+        url = _resolve(service["environment"], REQUIRED_FOR_TESTS)["BRIDGE_DATABASE_URL"]
+        assert url == DATABASE_URL, name
+        # Activations must not wait for the ledger's database; the ledger's own roles do.
+        waits = "postgres" in service["depends_on"]
+        assert waits == (name in LEDGER_SERVICES), name
 
 
 def test_rabbitmq_has_management_and_prometheus(services: dict[str, dict[str, Any]]) -> None:
@@ -435,7 +557,7 @@ def test_rabbitmq_has_management_and_prometheus(services: dict[str, dict[str, An
     assert set(match[1].split(",")) >= {"rabbitmq_management", "rabbitmq_prometheus"}
     published = {port.rsplit(":", 1)[-1] for port in _resolve(rabbitmq["ports"], {})}
     assert published >= {"5672", "15672", "15692"}
-    assert rabbitmq["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+    assert rabbitmq["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "check_running"]
     assert "rabbitmq-data:/var/lib/rabbitmq" in rabbitmq["volumes"]
 
 
@@ -471,7 +593,7 @@ def test_dockerfile_builds_in_two_stages() -> None:
 def test_dockerfile_copies_what_pip_install_needs() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
-    wanted = {"pyproject.toml", project["project"]["readme"], *packages}
+    wanted = {"pyproject.toml", project["project"]["readme"], LOCK.name, *packages}
     copied: set[str] = set()
     for keyword, arguments in _dockerfile():
         if keyword == "COPY" and not arguments.startswith("--"):
@@ -527,6 +649,65 @@ def test_dockerfile_healthcheck_tries_the_ingress_then_the_worker_port(status_po
     assert _run_python(script, neither) == 1
 
 
+def test_dockerfile_installs_the_locked_runtime_then_the_project_alone() -> None:
+    runs = [args for keyword, args in _dockerfile() if keyword == "RUN"]
+    installs = [run for run in runs if " pip " in run and " install " in run]
+    locked = [run for run in installs if "--require-hashes" in run]
+    assert len(locked) == 1
+    assert "--no-deps" in locked[0]
+    assert f"/^{LOCK_TEST_SECTION}$/q" in locked[0], "the image installs only the runtime section"
+    (project,) = [run for run in installs if run not in locked]
+    assert "--no-deps ." in project
+    # No installer or build tool in the venv the final stage copies.
+    assert any("venv --without-pip /opt/venv" in run for run in runs)
+    instructions = _dockerfile()
+    final = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    final_runs = " ".join(args for keyword, args in instructions[final:] if keyword == "RUN")
+    assert "apt-get" not in final_runs, "build tools are for the builder stage only"
+    assert " pip " not in final_runs
+
+
+# The lock
+
+
+def _lock_sections() -> tuple[set[str], set[str]]:
+    runtime_text, separator, test_text = LOCK.read_text().partition(f"\n{LOCK_TEST_SECTION}\n")
+    assert separator, f"requirements.lock has no {LOCK_TEST_SECTION!r} line"
+
+    def names(text: str) -> set[str]:
+        pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==\S+", text, flags=re.MULTILINE)
+        return {re.sub(r"[-_.]+", "-", pin).lower() for pin in pins}
+
+    return names(runtime_text), names(test_text)
+
+
+def _requirement_name(requirement: str) -> str:
+    name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+    assert name, requirement
+    return re.sub(r"[-_.]+", "-", name[0]).lower()
+
+
+def test_the_lock_pins_every_dependency_with_hashes() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime, test_only = _lock_sections()
+    assert not runtime & test_only, "a package is pinned twice"
+    assert {_requirement_name(r) for r in project["dependencies"]} <= runtime
+    assert {_requirement_name(r) for r in project["optional-dependencies"]["test"]} <= (
+        runtime | test_only
+    )
+    assert {"asyncpg", "aiohttp"} <= runtime
+    assert "trustme" in test_only
+    requirements = [line for line in LOCK.read_text().splitlines() if "==" in line]
+    assert all(line.rstrip().endswith("\\") for line in requirements), "every pin has hashes"
+
+
+def test_make_install_uses_the_lock() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--no-deps --require-hashes -r requirements.lock" in makefile
+    assert "pip install --quiet --no-deps -e ." in makefile
+    assert re.search(r"^\$\(STAMP\): .*requirements\.lock", makefile, flags=re.MULTILINE)
+
+
 # Prometheus
 
 
@@ -536,11 +717,14 @@ def test_prometheus_scrapes_ingress_workers_and_rabbitmq(
     def targets(job: str) -> list[str]:
         return [t for config in prometheus[job]["static_configs"] for t in config["targets"]]
 
-    assert targets("ingress") == [f"ingress:{_default('http_port')}"]
+    (replicas,) = prometheus["ingress"]["dns_sd_configs"]
+    assert replicas["names"] == ["ingress"]
+    assert replicas["type"] == "A"
+    assert replicas["port"] == _default("http_port")
     assert prometheus["ingress"].get("metrics_path", "/metrics") == "/metrics"
 
     (discovery,) = prometheus["workers"]["dns_sd_configs"]
-    assert set(discovery["names"]) == {str(stage) for stage in STAGES}
+    assert set(discovery["names"]) == {str(stage) for stage in STAGES} | {"ledger", "sweeper"}
     assert discovery["type"] == "A"
     assert discovery["port"] == _default("worker_http_port")
 
@@ -549,8 +733,8 @@ def test_prometheus_scrapes_ingress_workers_and_rabbitmq(
     assert prometheus["rabbitmq-queues"]["metrics_path"] == "/metrics/detailed"
     assert set(prometheus["rabbitmq-queues"]["params"]["family"]) <= set(RABBITMQ_DETAILED_FAMILIES)
 
-    hosts = {t.split(":")[0] for job in ("ingress", "rabbitmq") for t in targets(job)}
-    assert hosts | set(discovery["names"]) <= set(services)
+    hosts = {t.split(":")[0] for t in targets("rabbitmq")}
+    assert hosts | set(discovery["names"]) | set(replicas["names"]) <= set(services)
 
 
 # Grafana
@@ -606,3 +790,72 @@ def test_grafana_loads_the_dashboard_and_lets_viewers_in(
     assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     home = environment["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/voucher-bridge.json"
+
+
+# compose.cluster.yaml: three RabbitMQ nodes
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, Any]:
+    document = _load_yaml(ROOT / "compose.cluster.yaml")
+    assert isinstance(document, dict)
+    return document
+
+
+def test_the_cluster_file_follows_the_compose_specification(cluster: dict[str, Any]) -> None:
+    schema_file = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    validator = jsonschema.Draft202012Validator(json.loads(schema_file.read_text()))
+    env = {**REQUIRED_FOR_TESTS, "RABBITMQ_ERLANG_COOKIE": "test-cookie"}
+    for document in (cluster, _resolve(cluster, env)):
+        assert [f"{e.json_path}: {e.message}" for e in validator.iter_errors(document)] == []
+    assert set(cluster) <= {"services", "volumes"} | {k for k in cluster if k.startswith("x-")}
+
+
+def test_the_cluster_nodes_find_each_other_and_share_a_cookie(
+    cluster: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    nodes = {
+        "rabbitmq": services["rabbitmq"],
+        **{name: svc for name, svc in cluster["services"].items() if name.startswith("rabbitmq-")},
+    }
+    assert len(nodes) == 3
+    conf = (DEPLOY / "rabbitmq" / "cluster.conf").read_text()
+    listed = re.findall(
+        r"^cluster_formation\.classic_config\.nodes\.\d+ = rabbit@(\S+)$", conf, re.M
+    )
+    assert sorted(listed) == sorted(nodes)
+    assert "peer_discovery_backend = classic_config" in conf
+    for name, node in nodes.items():
+        merged = cluster["services"][name]
+        assert node.get("hostname") == name, f"{name}: the node name must be rabbit@{name}"
+        with pytest.raises(LookupError, match="RABBITMQ_ERLANG_COOKIE"):
+            _resolve(merged["environment"], {})
+        mounts = {v.split(":")[1] for v in merged["volumes"]}
+        assert "/etc/rabbitmq/conf.d/20-cluster.conf" in mounts, name
+        if name != "rabbitmq":
+            assert node["image"] == services["rabbitmq"]["image"]
+            assert "/etc/rabbitmq/enabled_plugins" in mounts, name
+            assert "ports" not in node, f"{name}: only the first node is published"
+            assert node["healthcheck"]["test"][-1] == "check_running"
+    declared = set(cluster["volumes"])
+    for name in nodes:
+        for volume in cluster["services"][name]["volumes"]:
+            source = volume.split(":")[0]
+            assert source.startswith("./") or source in declared, f"{name}: {source}"
+
+
+def test_the_bridge_waits_for_every_node_before_declaring_queues(
+    cluster: dict[str, Any], bridge_services: dict[str, dict[str, Any]]
+) -> None:
+    # Quorum queues get members on the nodes in the cluster when they are declared.
+    nodes = {"rabbitmq", *(n for n in cluster["services"] if n.startswith("rabbitmq-"))}
+    for name in bridge_services:
+        if name == SANDBOX:
+            continue
+        depends_on = cluster["services"][name]["depends_on"]
+        extra = {"postgres", "db-upgrade"} - {name} if name in LEDGER_SERVICES else set()
+        if name == "db-upgrade":
+            extra = {"postgres"}
+        assert set(depends_on) == nodes | extra, name
+        conditions = {c["condition"] for n, c in depends_on.items() if n != "db-upgrade"}
+        assert conditions == {"service_healthy"}, name

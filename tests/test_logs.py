@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import logging
 
-from shared.logs import IsoTimestamp, LoopBatchedWriter, redact_url
+import structlog
+
+from shared.logs import IsoTimestamp, LoopBatchedWriter, library_handler, redact_url
 
 
 class CountingStream(io.StringIO):
@@ -65,3 +69,27 @@ def test_timestamps_are_iso_utc_and_move_with_the_clock() -> None:
     assert abs((datetime.now(UTC) - parsed).total_seconds()) < 5
     assert first.endswith("Z")
     assert second >= first
+
+
+def test_library_records_are_json_lines_with_their_traceback() -> None:
+    # aiormq logs a lost connection through the standard library, traceback included.
+    stream = io.StringIO()
+    renderer = structlog.processors.JSONRenderer()
+    logger = logging.getLogger("tests.library")
+    logger.propagate = False
+    logger.addHandler(library_handler(stream, renderer))
+    try:
+        try:
+            raise ConnectionError("broker forced connection closure")
+        except ConnectionError:
+            logger.exception("Unexpected connection close from %s", "rabbitmq")
+    finally:
+        logger.handlers.clear()
+        logger.propagate = True
+    (line,) = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "Unexpected connection close from rabbitmq"
+    assert event["logger"] == "tests.library"
+    assert event["level"] == "error"
+    assert "ConnectionError: broker forced connection closure" in event["exception"]
+    assert event["timestamp"].endswith("Z")

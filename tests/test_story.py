@@ -413,12 +413,14 @@ async def test_a_story_whose_notifications_are_refused_fails_loudly(settings: Se
 
 def test_compose_sandbox_tells_the_story_to_the_ingress(monkeypatch: pytest.MonkeyPatch) -> None:
     services = yaml.safe_load((REPO_ROOT / "compose.yaml").read_text())["services"]
-    sandbox, ingress = services["sandbox"], services["ingress"]
+    sandbox, ingress, lb = services["sandbox"], services["ingress"], services["lb"]
     args = cli.parser().parse_args(_resolve(sandbox["command"], REQUIRED_FOR_TESTS))
-    port = Settings.model_fields["http_port"].default
-    assert args.story == f"http://ingress:{port}"
+    # Through the load balancer in front of the ingress replicas, as Jackpot's calls go.
+    port = int(_resolve(lb["ports"], {})[0].rsplit(":", 1)[1])
+    assert args.story == f"http://lb:{port}"
     assert args.story_repeat_s > 0
-    assert sandbox["depends_on"]["ingress"]["condition"] == "service_healthy"
+    assert sandbox["depends_on"]["lb"]["condition"] == "service_started"
+    assert lb["depends_on"]["ingress"]["condition"] == "service_healthy"
     assert "healthcheck" in ingress
     # The same expressions as the bridge's: the same secret, the same conversion.
     for name in ("BRIDGE_KEY_SECRETS", "BRIDGE_VALUE_TO_CENTS"):
