@@ -58,6 +58,7 @@ from bench.pipeline_compare import (
     BASELINE,
     BRIDGE,
     KNOWN_SUBJECTS,
+    NO_LEDGER,
     PEER,
     RATE,
     SUBJECTS,
@@ -69,6 +70,7 @@ from bench.pipeline_compare import (
     fmt,
     headline_headers,
     headline_rows,
+    ledger_targets,
     ratio_headers,
     round_rows,
     summarize,
@@ -100,6 +102,7 @@ from sandbox.doshii import DoshiiSandbox, Status
 from sandbox.jackpot import JackpotSandbox, State
 from sandbox.server import Sandboxes
 from shared.keys import KeyRing
+from shared.ledger import Ledger, create_pool
 from shared.models import KeyClaims, value_to_cents
 from shared.settings import ENV_PREFIX, Settings, load_settings
 from workers import dlq
@@ -160,14 +163,17 @@ INGRESS = "ingress"
 SANDBOXES = "sandboxes (driver thread)"
 DRIVER = "load driver"
 BROKER = "broker (beam.smp)"
+LEDGER_WORKER = "worker ledger"
+POSTGRES = "PostgreSQL (every postgres process)"
+LEDGER_TOTAL = "ledger: worker + PostgreSQL"
 SUBJECT_TOTAL = "ingress + workers"
 ALL_TOTAL = "everything above"
 IDLE = "the other subject (idle)"
 MACHINE = "machine, all CPUs"
 OTHERS = "rest of the machine (not ours)"
 WORKERS = tuple(f"worker {role}" for role in WORKER_ROLES)
-PROCESS_ORDER = (INGRESS, *WORKERS, SANDBOXES, DRIVER, BROKER)
-CPU_ROWS = (*PROCESS_ORDER, SUBJECT_TOTAL, ALL_TOTAL, IDLE, OTHERS)
+PROCESS_ORDER = (INGRESS, *WORKERS, LEDGER_WORKER, SANDBOXES, DRIVER, BROKER, POSTGRES)
+CPU_ROWS = (*PROCESS_ORDER, SUBJECT_TOTAL, LEDGER_TOTAL, ALL_TOTAL, IDLE, OTHERS)
 # What py-spy records when asked: every busy subject process (lifecycle idles here) and the driver.
 PROFILED = (INGRESS, "worker reservations", "worker pdfs", "worker doshii")
 DRIVER_THREADS = {"MainThread": DRIVER, THREAD_NAME: SANDBOXES}
@@ -476,6 +482,7 @@ class Subject:
         *,
         cwd: Path = REPO,
         extra_env: Mapping[str, str] | None = None,
+        roles: Sequence[str] = WORKER_ROLES,
     ) -> None:
         self.name = name
         ingress_port = servers.free_port()
@@ -499,7 +506,8 @@ class Subject:
                 cwd=cwd,
             )
         ]
-        for role, process_name in zip(WORKER_ROLES, WORKERS, strict=True):
+        for role in roles:
+            process_name = f"worker {role}"
             port = servers.free_port()
             self.servers.append(
                 Server(
@@ -518,9 +526,20 @@ class Subject:
         """Voucher ids of every dead letter of this subject (the letters stay where they are)."""
         raise NotImplementedError
 
+    async def prepare(self) -> None:
+        """What the subject needs before its processes start (nothing, by default)."""
+
     async def cleanup(self) -> None:
         """Delete the subject's queues and exchanges."""
         raise NotImplementedError
+
+
+POSTGRES_COMM = "postgres"
+
+
+def _schema(namespace: str) -> str:
+    """The run's own ledger schema, named for its namespace."""
+    return namespace.replace("-", "_").lower()
 
 
 def _bridge_args(role: str) -> list[str]:
@@ -540,9 +559,24 @@ class BridgeSubject(Subject):
         values: Mapping[str, str],
         admin: BrokerAdmin,
         checkout: Path | None = None,
+        *,
+        ledger: bool = True,
     ) -> None:
-        if checkout is None:
-            super().__init__(BRIDGE, workdir, values, lambda role: bridge_argv(*_bridge_args(role)))
+        if not ledger:
+            super().__init__(
+                NO_LEDGER,
+                workdir,
+                {**values, "namespace": f"{values['namespace']}-nl", "ledger": "false"},
+                lambda role: bridge_argv(*_bridge_args(role)),
+            )
+        elif checkout is None:
+            super().__init__(
+                BRIDGE,
+                workdir,
+                {**values, "database_schema": _schema(values["namespace"])},
+                lambda role: bridge_argv(*_bridge_args(role)),
+                roles=(*WORKER_ROLES, "ledger"),
+            )
         else:
             super().__init__(
                 BASELINE,
@@ -565,11 +599,28 @@ class BridgeSubject(Subject):
             print(f"  {self.name} dead letter {letter.message_id}: {letter.reason}", flush=True)
         return {letter.voucher_id for letter in letters}
 
+    async def prepare(self) -> None:
+        """`bridge db upgrade` for the run's own ledger schema, when this subject keeps one."""
+        if self.settings.ledger and self.name == BRIDGE:
+            pool = await create_pool(self.settings, max_size=1)
+            try:
+                await Ledger(pool).upgrade(self.settings.database_schema)
+            finally:
+                await pool.close()
+
     async def cleanup(self) -> None:
-        """Every exchange and queue of the namespace, delay tiers included."""
+        """Every exchange and queue of the namespace, delay tiers included; the ledger schema."""
         await self._admin.delete_namespace(
             self.settings.namespace, tiers_s=self.settings.retry_tiers_s
         )
+        if self.settings.ledger and self.name == BRIDGE:
+            pool = await create_pool(self.settings, max_size=1)
+            try:
+                await pool.execute(
+                    f'DROP SCHEMA IF EXISTS "{self.settings.database_schema}" CASCADE'
+                )
+            finally:
+                await pool.close()
 
 
 class PeerSubject(Subject):
@@ -642,6 +693,8 @@ class PipelineBench:
         for name in config.subjects:
             if name == BRIDGE:
                 made[name] = BridgeSubject(workdir, values, admin)
+            elif name == NO_LEDGER:
+                made[name] = BridgeSubject(workdir, values, admin, ledger=False)
             elif name == BASELINE:
                 made[name] = BridgeSubject(workdir, values, admin, config.baseline_dir)
             else:
@@ -655,6 +708,7 @@ class PipelineBench:
         ready; each subject's queues are deleted once its processes have stopped."""
         for subject in self.subjects:
             stack.push_async_callback(subject.cleanup)
+            await subject.prepare()
             for server in subject.servers:
                 stack.push_async_callback(servers.stop, server)
                 await servers.start(server)
@@ -704,6 +758,8 @@ class PipelineBench:
         ticks[SANDBOXES] = sandbox
         ticks[DRIVER] = own_cpu_ticks(pid) - sandbox
         ticks[BROKER] = procstat.total_cpu_ticks(self.broker_pids)
+        # Backends that ended meanwhile count through the postmaster's reaped-children time.
+        ticks[POSTGRES] = procstat.total_cpu_ticks(procstat.pids_named(POSTGRES_COMM))
         ticks[MACHINE] = parse_machine_busy_ticks((procstat.PROC / "stat").read_text())
         return ticks
 
@@ -810,7 +866,10 @@ def profile_lines(
 def with_totals(ticks: Mapping[str, int]) -> dict[str, int]:
     """CPU_ROWS from one phase's ticks: the processes, then the totals."""
     rows = {name: ticks.get(name, 0) for name in PROCESS_ORDER}
-    rows[SUBJECT_TOTAL] = sum(rows[name] for name in (INGRESS, *WORKERS))
+    # The bridge's own processes, its ledger worker included (PostgreSQL is infrastructure,
+    # like the broker, and has its own row; the ledger's row adds the two).
+    rows[SUBJECT_TOTAL] = sum(rows[name] for name in (INGRESS, *WORKERS, LEDGER_WORKER))
+    rows[LEDGER_TOTAL] = rows[LEDGER_WORKER] + rows[POSTGRES]
     rows[ALL_TOTAL] = sum(rows[name] for name in PROCESS_ORDER)
     rows[IDLE] = ticks.get(IDLE, 0)
     rows[OTHERS] = max(ticks.get(MACHINE, 0) - rows[ALL_TOTAL] - rows[IDLE], 0)
@@ -908,7 +967,10 @@ def outcome(runs: Sequence[PhaseRun], config: Config) -> Outcome:
     return Outcome(
         runs=measured,
         summaries=summaries,
-        targets=comparison_targets(summaries, SUBJECT_TOTAL, config.rate_per_s),
+        targets=[
+            *comparison_targets(summaries, SUBJECT_TOTAL, config.rate_per_s),
+            *ledger_targets(summaries, LEDGER_TOTAL),
+        ],
         alone=[] if bridge is None else bridge_alone_targets(bridge, config),
     )
 

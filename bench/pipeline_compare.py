@@ -20,8 +20,14 @@ from bench.report import Target
 BRIDGE = "bridge"
 PEER = "peer"
 BASELINE = "baseline"
-SUBJECTS = (PEER, BRIDGE)  # the default order within a round
-KNOWN_SUBJECTS = (PEER, BASELINE, BRIDGE)
+# voucher-bridge with BRIDGE_LEDGER=false: what the ledger costs is the difference.
+NO_LEDGER = "no-ledger"
+SUBJECTS = (PEER, NO_LEDGER, BRIDGE)  # the default order within a round
+KNOWN_SUBJECTS = (PEER, BASELINE, NO_LEDGER, BRIDGE)
+# The ledger may cost this much CPU per voucher in all (its worker and PostgreSQL), and take
+# at most this share of the vouchers/s.
+TARGET_LEDGER_MAX_CPU_MS = 0.5
+TARGET_LEDGER_MAX_SLOWDOWN = 0.15
 THROUGHPUT = "throughput"
 RATE = "rate"
 # The issue's targets, bridge against peer on medians of one run.
@@ -217,6 +223,30 @@ def round_rows(measured: Sequence[Measured], total_row: str) -> list[list[str]]:
             fmt(m.cpu_ms.get(total_row, math.nan), 2),
         ]
         for m in measured
+    ]
+
+
+def ledger_targets(summaries: Sequence[SubjectSummary], ledger_row: str) -> list[Target]:
+    """The ledger's two targets, bridge against no-ledger; [] unless both were measured."""
+    subjects = by_subject(summaries)
+    bridge, bare = subjects.get(BRIDGE), subjects.get(NO_LEDGER)
+    if bridge is None or bare is None:
+        return []
+    cost_ms = bridge.cpu_ms[ledger_row]
+    slowdown = 1 - ratio(bridge.per_s, bare.per_s)
+    return [
+        Target(
+            f"the ledger's CPU per voucher ({ledger_row}, closed loop) <= "
+            f"{TARGET_LEDGER_MAX_CPU_MS:g} ms",
+            f"{fmt(cost_ms, 3)} ms",
+            cost_ms <= TARGET_LEDGER_MAX_CPU_MS,
+        ),
+        Target(
+            f"vouchers/s with the ledger >= {1 - TARGET_LEDGER_MAX_SLOWDOWN:g}x without it",
+            f"{times(1 - slowdown)} ({fmt(bridge.per_s, 1)} vs {fmt(bare.per_s, 1)}): "
+            f"{slowdown * 100:.1f} % fewer",
+            slowdown <= TARGET_LEDGER_MAX_SLOWDOWN,
+        ),
     ]
 
 

@@ -41,6 +41,10 @@ from urllib.parse import urlsplit
 import aio_pika
 import aiohttp
 
+from ingress.app import NOTIFICATION_PATH
+from ingress.doshii import DOSHII_WEBHOOK_PATH
+from sandbox import till_demo
+from sandbox.doshii import CARD_ACTIVATE, Webhook
 from sandbox.server import Sandboxes, start_sandboxes
 from sandbox.story import CASES, Row, Ticket, Timing, expected, play_story
 from shared import topology
@@ -193,6 +197,8 @@ def bridge_values(plan: Plan, sandboxes: Sandboxes) -> dict[str, str]:
         "log_level": "info",
         # The run's ledger: a schema of its own in BRIDGE_DATABASE_URL's database.
         "database_schema": plan.namespace.replace("-", "_").lower(),
+        # The till's webhook: the ingress takes Doshii's card_activate with these credentials.
+        "doshii_webhook_auth": DEMO_WEBHOOK_AUTH,
     }
 
 
@@ -440,10 +446,46 @@ async def exercise(plan: Plan, settings: Settings, sandboxes: Sandboxes, keep: b
     problems = outcome.problems
     problems += await dead_letters(settings)
     problems += await show_status(plan, settings, sandboxes, outcome.rows)
+    problems += await sell_at_the_till(plan, settings, sandboxes)
     await print_where_to_look(plan, settings, keep)
     if keep:
         await hold_until_interrupted()
     return problems
+
+
+TILL_HEADERS = ("case", "Doshii request", "status", "amount / reason", "vouchers", "ok", "journey")
+# The ingress's Basic credentials for Doshii's webhook, in this demo only.
+DEMO_WEBHOOK_AUTH = "demo-doshii-key:demo-doshii-token-0123456789"
+
+
+async def sell_at_the_till(plan: Plan, settings: Settings, sandboxes: Sandboxes) -> list[str]:
+    """Sell cards at the Doshii sandbox's till: the bridge reserves each at Jackpot."""
+    key, _, token = DEMO_WEBHOOK_AUTH.partition(":")
+    sandboxes.jackpot.reserve_notification_url = f"{plan.ingress_url}{NOTIFICATION_PATH}"
+    sandboxes.doshii.register_webhook(
+        Webhook(CARD_ACTIVATE, f"{plan.ingress_url}{DOSHII_WEBHOOK_PATH}", key, token)
+    )
+    say()
+    say("Cards sold at the till: Doshii card_activate -> intake -> Jackpot reservation -> ...")
+    rows = await till_demo.sell(sandboxes, settings)
+    say(
+        table(
+            TILL_HEADERS,
+            [
+                [
+                    row.case.name,
+                    row.request_id,
+                    row.status,
+                    row.outcome,
+                    str(row.vouchers),
+                    "ok" if row.problem is None else "NO",
+                    row.journey,
+                ]
+                for row in rows
+            ],
+        )
+    )
+    return [f"till, {row.case.name}: {row.problem}" for row in rows if row.problem]
 
 
 # How long the ledger may take to write the last steps down after the table is complete.

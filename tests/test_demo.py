@@ -16,6 +16,7 @@ import pytest
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from sandbox.story import CASES, Kind
+from sandbox.till_demo import CASES as TILL_CASES
 from shared.topology import Names
 from tests.conftest import AMQP_URL
 
@@ -125,3 +126,30 @@ async def test_the_run_left_no_exchange_or_queue(demo: DemoRun) -> None:
         dead_channel = await connection.channel()
         with pytest.raises(ChannelNotFoundEntity):
             await dead_channel.declare_queue(names.dead, passive=True)
+
+
+def test_a_voucher_s_journey_is_shown_from_the_ledger(demo: DemoRun) -> None:
+    assert "`bridge status` reads the ledger:" in demo.stdout
+    story = demo.stdout.split("`bridge status` reads the ledger:", 1)[1]
+    assert "state: activated" in story
+    for step in ("received: RESERVED notification", "confirmed", "PDF stored", "activated"):
+        assert step in story
+    assert "ledger schema" in demo.stdout
+    assert "dropped" in demo.stdout
+
+
+def test_cards_sold_at_the_till_end_as_each_case_should(demo: DemoRun) -> None:
+    till = demo.stdout.split("Cards sold at the till", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in till.splitlines()[3:] if line.strip()]
+    assert len(rows) == len(TILL_CASES)
+    for case, line in zip(TILL_CASES, rows, strict=True):
+        assert line.startswith(case.name)
+        assert "  ok  " in line, line
+        if case.expected == "activated":
+            assert " activated " in line
+            assert "doshii: activated" in line
+        else:
+            assert case.expected in line
+            assert "intake: refused" in line
+    duplicate = next(r for r in rows if r.startswith("webhook sent 3 times"))
+    assert " 1 " in duplicate  # one voucher reserved for three deliveries

@@ -16,7 +16,9 @@ RESERVED notification costs nothing, and the real one is a harmless duplicate.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
+import asyncpg
 import orjson
 import structlog
 
@@ -80,11 +82,15 @@ def make_handler(deps: Deps) -> Handler:
     # Sessions opened but not yet used, by request: a retry after a failed reserve uses the
     # same session (the JWT cannot open another). In memory only: a session is a credential.
     sessions_by_request: dict[str, str] = {}
+    # Which delivery claimed each request this process works on (quick retries call again
+    # with the same delivery; a copy of the sale comes as another).
+    claiming: dict[str, int] = {}
 
-    def remember(request_id: str, token: str) -> None:
-        if len(sessions_by_request) >= MAX_OPEN_SESSIONS:
-            sessions_by_request.pop(next(iter(sessions_by_request)))
-        sessions_by_request[request_id] = token
+    def remember(book: dict[str, Any], request_id: str, value: Any) -> None:
+        """Keep `value` for the request; past MAX_OPEN_SESSIONS the oldest is forgotten."""
+        if len(book) >= MAX_OPEN_SESSIONS:
+            book.pop(next(iter(book)))
+        book[request_id] = value
 
     def cancel(request: IntakeRequest, reason: str) -> Outgoing:
         update = DoshiiUpdate(
@@ -117,10 +123,36 @@ def make_handler(deps: Deps) -> Handler:
                 detail=f"card_activate for {request.amount_cents / 100:.2f}",
             )
         )
-        claim = await ledger.claim_request(request)
+        claim, made = await ledger.claim_request(request)
+        if made:
+            remember(claiming, request.request_id, id(message))
         if claim["state"] != CLAIMED:
+            claiming.pop(request.request_id, None)
             detail = f"request already {claim['state']}: nothing reserved again"
             return Outcome("ignored", detail=detail, step=Step.IGNORED)
+        # Claimed, but not by this delivery: another copy of the sale is at work on it. A
+        # delivery that comes back (redelivered after a crash, or from a delay tier) goes on.
+        mine = (
+            claiming.get(request.request_id) == id(message)
+            or message.redelivered
+            or message.attempt > 0
+        )
+        if not mine:
+            detail = "another delivery of this sale holds its claim: nothing reserved twice"
+            return Outcome("ignored", detail=detail, step=Step.IGNORED)
+        try:
+            outcome = await reserve_claimed(message, request, claim)
+        except TransientError:
+            raise  # still claimed by this delivery: its retry goes on
+        except BaseException:
+            claiming.pop(request.request_id, None)
+            raise
+        claiming.pop(request.request_id, None)
+        return outcome
+
+    async def reserve_claimed(
+        message: Incoming, request: IntakeRequest, claim: asyncpg.Record
+    ) -> Outcome:
         now = datetime.now(UTC)
         deadline = request.deadline(settings.intake_deadline_s)
         if now >= deadline:
@@ -144,7 +176,7 @@ def make_handler(deps: Deps) -> Handler:
                     issued_at_s=int(claim["claimed_at"].timestamp()),
                 )
                 token = await sessions.open_session(assertion)
-                remember(request.request_id, token)
+                remember(sessions_by_request, request.request_id, token)
             voucher = await sessions.reserve(token, offer=offer, amount_cents=request.amount_cents)
         except JackpotRefusal as refusal:
             sessions_by_request.pop(request.request_id, None)

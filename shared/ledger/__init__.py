@@ -240,8 +240,8 @@ class Ledger:
             )
             return rows
 
-    async def claim_request(self, request: IntakeRequest) -> asyncpg.Record:
-        """Claim a till's request; the row as the first claim left it, whoever made it."""
+    async def claim_request(self, request: IntakeRequest) -> tuple[asyncpg.Record, bool]:
+        """Claim a till's request: its row, and whether this call made the claim."""
         async with self.pool.acquire() as connection:
             row: asyncpg.Record | None = await connection.fetchrow(
                 QUERIES["claim_request"],
@@ -253,10 +253,11 @@ class Ledger:
                 request.card_ref_last4,
                 request.received_at,
             )
-            if row is None:
-                row = await connection.fetchrow(QUERIES["find_request"], request.request_id)
+            if row is not None:
+                return row, True
+            row = await connection.fetchrow(QUERIES["find_request"], request.request_id)
             assert row is not None
-            return row
+            return row, False
 
     async def settle_request(
         self, request_id: str, state: str, voucher_id: UUID | None, reason: str | None
