@@ -240,6 +240,9 @@ class Journal:
     """
 
     send: Send
+    # How long the first step of a message waits for others to join it. Only acks wait:
+    # what a stage emits goes on at once, so a voucher's way is not slowed.
+    linger_s: float = 0.0
     _pending: list[tuple[Sequence[Step], asyncio.Future[None]]] = field(default_factory=list)
     _flushing: asyncio.Task[None] | None = None
 
@@ -253,9 +256,9 @@ class Journal:
         await future
 
     async def _flush(self) -> None:
-        # Let the steps of this loop turn join the first message, then keep sending what
+        # Let the steps of the next moments join the first message, then keep sending what
         # gathered while the last one was on its way.
-        await asyncio.sleep(0)
+        await asyncio.sleep(self.linger_s)
         while self._pending:
             batch: list[Step] = []
             waiting: list[asyncio.Future[None]] = []

@@ -173,6 +173,8 @@ class Settings(BaseSettings):
 
     # Ledger (PostgreSQL): the journey of every voucher, and the sweeper that reconciles it
     ledger: bool = True  # False: no journey steps, and no ledger or sweeper in `all`
+    # How long a stage gathers journey steps into one journal message; acks wait that long.
+    journal_linger_s: float = Field(0.05, ge=0, le=1)
     database_url: SecretStr = SecretStr("postgresql://bridge:bridge@127.0.0.1:5432/bridge")
     database_schema: str = Field("public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     sweep_interval_s: float = Field(60.0, gt=0)

@@ -29,6 +29,9 @@ log = structlog.get_logger("ledger")
 
 # Journal messages held unacked at once: each may hold hundreds of steps.
 PREFETCH = 256
+# How long the first journal message of a batch waits for others: one transaction for many
+# steps costs PostgreSQL far less than many small ones, and nothing waits on the ledger.
+WRITE_LINGER_S = 0.1
 # How long a failed write waits before the next try, doubling up to the most.
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 5.0
@@ -82,7 +85,7 @@ class LedgerWriter:
 
     async def _write_arrived(self) -> None:
         """Write what arrived, batch after batch, until nothing is left."""
-        await asyncio.sleep(0)  # let this loop turn's deliveries join the first batch
+        await asyncio.sleep(WRITE_LINGER_S)  # let the next deliveries join the first batch
         while self._arrived:
             batch, self._arrived = self._arrived, []
             try:

@@ -166,7 +166,9 @@ class Consumer(Protocol):
     async def detach(self) -> None: ...
 
 
-async def journal_for(connection: AbstractConnection, names: Names) -> Journal:
+async def journal_for(
+    connection: AbstractConnection, names: Names, linger_s: float = 0.0
+) -> Journal:
     """A journal on a channel of its own, with confirms: steps are recorded before acks."""
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     exchange = await channel.get_exchange(names.journal, ensure=False)
@@ -182,7 +184,7 @@ async def journal_for(connection: AbstractConnection, names: Names) -> Journal:
             mandatory=True,
         )
 
-    return Journal(send)
+    return Journal(send, linger_s)
 
 
 @dataclass
@@ -521,7 +523,11 @@ class Runner:
                 delivery_limit=self.settings.delivery_limit,
             )
         # One journal per connection: its steps travel on a channel of the same connection.
-        steps = await journal_for(connection, self.names) if self.settings.ledger else None
+        steps = (
+            await journal_for(connection, self.names, self.settings.journal_linger_s)
+            if self.settings.ledger
+            else None
+        )
         for stage in self.stages:
             await stage.attach(connection, steps)
         return connection
