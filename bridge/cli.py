@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -18,7 +19,7 @@ from sandbox.server import (
     Sandboxes,
 )
 from shared import logs
-from shared.errors import SettingsError
+from shared.errors import BrokerCertificateError, BrokerUnavailable, SettingsError
 from shared.settings import Settings, load_settings
 
 ROLES = ("reservations", "pdfs", "lifecycle", "doshii", "all")
@@ -34,10 +35,21 @@ def _settings() -> Settings:
     return settings
 
 
+def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
+    """Run `main` as a service; a broker that cannot be used ends it with its reason, exit 2."""
+    from shared.service import run
+
+    try:
+        return run(main)
+    except (BrokerCertificateError, BrokerUnavailable) as error:
+        print(f"bridge: cannot use the broker: {error}", file=sys.stderr)
+        return 2
+
+
 def _ingress(args: argparse.Namespace) -> int:
     settings = _settings()
     from ingress.app import create_app
-    from shared.service import run, start_site
+    from shared.service import start_site
 
     async def main(stop: asyncio.Event) -> None:
         runner, port = await start_site(
@@ -50,7 +62,7 @@ def _ingress(args: argparse.Namespace) -> int:
         await stop.wait()
         await runner.cleanup()
 
-    return run(main)
+    return _serve(main)
 
 
 def _checked(settings: Settings, role: str) -> None:
@@ -66,19 +78,17 @@ def _checked(settings: Settings, role: str) -> None:
 def _worker(args: argparse.Namespace) -> int:
     settings = _settings()
     _checked(settings, args.role)
-    from shared.service import run
     from workers.main import serve_workers
 
-    return run(lambda stop: serve_workers(settings, args.role, stop, drain=args.drain))
+    return _serve(lambda stop: serve_workers(settings, args.role, stop, drain=args.drain))
 
 
 def _run_all(args: argparse.Namespace) -> int:
     settings = _settings()
     _checked(settings, "all")
-    from shared.service import run
     from workers.main import serve_everything
 
-    return run(lambda stop: serve_everything(settings, stop))
+    return _serve(lambda stop: serve_everything(settings, stop))
 
 
 def _mint(args: argparse.Namespace) -> int:
@@ -95,10 +105,9 @@ def _mint(args: argparse.Namespace) -> int:
 
 def _dlq(args: argparse.Namespace) -> int:
     settings = _settings()
-    from shared.service import run
     from workers import dlq
 
-    return run(lambda stop: dlq.command(settings, args))
+    return _serve(lambda stop: dlq.command(settings, args))
 
 
 def _story_settings(args: argparse.Namespace) -> Settings:

@@ -44,8 +44,8 @@ import aiohttp
 from sandbox.server import Sandboxes, start_sandboxes
 from sandbox.story import CASES, Row, Ticket, Timing, expected, play_story
 from shared import topology
-from shared.broker import connection_name
-from shared.errors import SettingsError
+from shared.broker import connect
+from shared.errors import BridgeError, SettingsError
 from shared.settings import ENV_PREFIX, Settings, load_settings
 from workers import dlq
 
@@ -336,7 +336,7 @@ async def dead_letters(settings: Settings) -> list[str]:
     """Print the namespace's dead letters; returns a problem per letter (or the failure)."""
     try:
         letters = await dlq.list_dead(settings)
-    except (aio_pika.exceptions.AMQPError, OSError) as error:
+    except (aio_pika.exceptions.AMQPError, OSError, BridgeError) as error:
         return [f"could not read the dead queue: {error}"]
     if not letters:
         say(f"dead letters in {topology.Names(settings.namespace).dead}: none")
@@ -360,7 +360,7 @@ async def management_answers(host: str) -> bool:
 
 async def dashboard_hint(settings: Settings) -> str:
     """Where the RabbitMQ dashboard is, or how to turn it on."""
-    host = urlsplit(settings.amqp_url.get_secret_value()).hostname or LOOPBACK
+    host = urlsplit(settings.amqp_urls[0]).hostname or LOOPBACK
     url = f"http://{host}:{MANAGEMENT_PORT}"
     if await management_answers(host):
         return f"{url}  (queues named {settings.namespace}.*)"
@@ -444,10 +444,7 @@ async def exercise(plan: Plan, settings: Settings, sandboxes: Sandboxes, keep: b
 
 async def delete_namespace(settings: Settings) -> None:
     """Delete every exchange and queue of the run's namespace."""
-    connection = await aio_pika.connect(
-        settings.amqp_url.get_secret_value(),
-        client_properties={"connection_name": connection_name("demo cleanup")},
-    )
+    connection = await connect(settings, "demo cleanup")
     async with connection:
         channel = await connection.channel()
         await topology.delete(channel, settings.namespace, tiers_s=settings.retry_tiers_s)
@@ -474,7 +471,7 @@ async def clean_up(bridge: Bridge, settings: Settings) -> list[str]:
         async with asyncio.timeout(CLEANUP_TIMEOUT_S):
             await delete_namespace(settings)
         say(f"cleanup: namespace {settings.namespace} deleted from the broker")
-    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as error:
+    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError, BridgeError) as error:
         problem = (
             f"could not delete namespace {settings.namespace} ({type(error).__name__}: "
             f"{error}); delete its {settings.namespace}.* queues and exchanges by hand"
