@@ -122,7 +122,9 @@ start_node() {
 }
 
 await_node() {
-    local n=$1
+    local n=$1 deadline=$((SECONDS + START_TIMEOUT_S))
+    # await_startup fails at once while the new VM is not reachable yet: wait for that first.
+    until ctl "$n" status >/dev/null 2>&1 || ((SECONDS >= deadline)); do sleep 0.5; done
     if ! ctl "$n" await_startup --timeout "$START_TIMEOUT_S" >/dev/null 2>&1; then
         tail -n 20 "$DIR/node$n/log/"*.log >&2 || true
         die "node $n ($(node_name "$n")) did not start within ${START_TIMEOUT_S}s"

@@ -109,7 +109,8 @@ async def declare(
     """Declare every exchange, queue and binding of `namespace`. Declaring twice is harmless.
 
     `initial_group_size` is how many cluster nodes hold each quorum queue (None: the broker's
-    default); it applies when a queue is created, an existing queue keeps its members.
+    default). RabbitMQ refuses (PRECONDITION_FAILED) a declare whose size differs from the one
+    an existing queue was created with: it must stay what it was for a namespace.
     """
     names = Names(namespace)
     kinds = aio_pika.ExchangeType

@@ -125,7 +125,9 @@ async def test_an_untrusted_ca_is_refused_naming_the_broker(
     with pytest.raises(BrokerCertificateError, match=f"broker {where}: .*certificate") as caught:
         await connect(settings, "test")
     # What OpenSSL says when the chain ends at a CA we do not trust (the server sends its CA).
-    untrusted = "(unable to get local issuer certificate|self-signed certificate in certificate chain)"
+    untrusted = (
+        "(unable to get local issuer certificate|self-signed certificate in certificate chain)"
+    )
     assert caught.match(untrusted)
 
     publisher = ConfirmedPublisher(settings.amqp_urls, ssl_context=ssl_context(settings))
@@ -164,7 +166,9 @@ async def test_a_refused_node_is_skipped_when_another_verifies(
         assert nodes.current == f"localhost:{cluster.tls_port(3)}"
 
 
-def test_the_cli_stops_with_the_reason_and_no_traceback(cluster: Cluster, untrusted_ca: Path) -> None:
+def test_the_cli_stops_with_the_reason_and_no_traceback(
+    cluster: Cluster, untrusted_ca: Path
+) -> None:
     env = {
         **os.environ,
         **settings_env(_cli_settings(cluster, untrusted_ca)),
