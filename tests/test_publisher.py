@@ -499,6 +499,23 @@ def test_a_context_that_does_not_check_host_names_is_refused() -> None:
         ConfirmedPublisher("http://h/")
 
 
+async def test_a_node_that_does_not_answer_is_passed_over(make_publisher: MakePublisher) -> None:
+    """Port 9 on loopback refuses: the publisher goes on to the next node in the list."""
+    publisher = await make_publisher(f"amqp://guest:guest@127.0.0.1:9/,{AMQP_URL}")
+    assert publisher._params.address == f"{BROKER.hostname}:{BROKER.port or 5672}"
+    assert publisher.ready
+
+
+async def test_when_no_node_answers_the_error_names_each() -> None:
+    publisher = ConfirmedPublisher(
+        "amqp://127.0.0.1:9/,amqp://127.0.0.1:7/", connect_timeout_s=1.0, reconnect_max_delay_s=5
+    )
+    await publisher.start()  # keeps trying in the background
+    with pytest.raises(BrokerUnavailable, match=r"127\.0\.0\.1:9: .*127\.0\.0\.1:7: "):
+        await publisher.publish("", "q", b"{}", message_id="nowhere")
+    await publisher.close()
+
+
 async def test_publish_before_start_is_refused() -> None:
     publisher = ConfirmedPublisher(AMQP_URL)
     with pytest.raises(BrokerUnavailable, match="not started"):
