@@ -173,6 +173,15 @@ down() {
     [[ -d "$DIR" ]] || return 0
     for n in "${NODES[@]}"; do stop_node "$n" & done
     wait
+    # A node VM that never became reachable (a start that failed half-way) ignores rabbitmqctl:
+    # end it by its HOME, which only this cluster's nodes have.
+    local pids
+    pids="$(pgrep -f -- "-home $DIR/home " || true)"
+    if [[ -n "$pids" ]]; then
+        kill $pids 2>/dev/null || true
+        sleep 2
+        kill -9 $pids 2>/dev/null || true
+    fi
     rm -rf "$DIR"
 }
 
