@@ -1,9 +1,11 @@
 """The ingress benchmark: the project's ingress against three reference servers, under wrk.
 
-All four servers start once and stay up; each round loads them one at a time, in the order
-ingress, naive, faststream, bare, with a short discarded warm-up before every measured run.
-After every ingress run the reservations queue must hold exactly the notifications the ingress
-answered 200 to. Medians go to stdout and to bench/results/ingress-latest.md.
+All servers start once and stay up; each round loads them one at a time, in the order ingress,
+naive, faststream, bare (on the one broker at 5672), then, on a local three-node cluster
+(scripts/rabbitmq-cluster.sh, quorum queues on all three nodes), ingress@cluster, naive@cluster
+and ingress@cluster+tls, with a short discarded warm-up before every measured run. After every
+ingress run the reservations queue must hold exactly the notifications the ingress answered 200
+to. Medians go to stdout and to bench/results/ingress-latest.md.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from bench import cluster as bench_cluster
 from bench import procstat, report, servers
 from bench.broker import BrokerAdmin, namespace_queues
 from bench.deps import Requirement
@@ -47,6 +50,12 @@ BROKER_PORT = 5672  # the port of AMQP_URL: its beam.smp is the broker whose CPU
 ANCHOR_QUEUE = "anchor.vouchers.q"
 INGRESS = report.SUBJECT
 SERVER_ORDER = (INGRESS, report.NAIVE, "faststream", "bare")
+CLUSTER_INGRESS = "ingress@cluster"
+CLUSTER_NAIVE = "naive@cluster"
+CLUSTER_TLS = "ingress@cluster+tls"
+CLUSTER_ORDER = (CLUSTER_INGRESS, CLUSTER_NAIVE, CLUSTER_TLS)
+# What the ratio table compares on the cluster: the targets' pair, and what TLS costs.
+CLUSTER_PAIRS = ((CLUSTER_INGRESS, CLUSTER_NAIVE), (CLUSTER_TLS, CLUSTER_INGRESS))
 ANCHOR_FILES = {"naive": "naive.py", "faststream": "faststream_peer.py", "bare": "bare.py"}
 LOAD_SCRIPT = "post.lua"
 
@@ -161,9 +170,17 @@ def _ingress_argv() -> list[str]:
 class IngressBench:
     """One benchmark run: the servers, the broker chores and the measurements."""
 
-    def __init__(self, config: Config, workdir: Path, admin: BrokerAdmin) -> None:
+    def __init__(
+        self,
+        config: Config,
+        workdir: Path,
+        admin: BrokerAdmin,
+        cluster: bench_cluster.BenchCluster | None = None,
+        cluster_admin: BrokerAdmin | None = None,
+    ) -> None:
         self.config = config
         self.admin = admin
+        self.cluster_admin = cluster_admin
         self.namespace = f"bench-{secrets.token_hex(4)}"
         ingress_port = servers.free_port()
         values = ingress_settings(self.namespace, ingress_port, workdir / "spool")
@@ -196,16 +213,66 @@ class IngressBench:
                     cwd=REPO,
                 )
             )
-        self.broker_pids = procstat.broker_pids(BROKER_PORT)
+        self.admins = {server.name: admin for server in self.servers}
+        if cluster is not None and cluster_admin is not None:
+            self._add_cluster_servers(cluster, cluster_admin, workdir, env)
+        self.order = [server.name for server in self.servers]
+        # Every beam.smp: the one broker and, when it runs, the cluster's three nodes.
+        self.broker_pids = procstat.pids_named(procstat.BROKER_COMM)
         self.runs: list[Run] = []
         self.checks: list[StoredCheck] = []
 
+    def _add_cluster_servers(
+        self,
+        cluster: bench_cluster.BenchCluster,
+        admin: BrokerAdmin,
+        workdir: Path,
+        env: dict[str, str],
+    ) -> None:
+        """The ingress and naive on the cluster, and the ingress over TLS to it."""
+        variants = {
+            CLUSTER_INGRESS: {f"{ENV_PREFIX}AMQP_URL": cluster.urls},
+            CLUSTER_TLS: {
+                f"{ENV_PREFIX}AMQP_URL": cluster.tls_urls,
+                f"{ENV_PREFIX}AMQP_CA_FILE": str(cluster.ca_file),
+            },
+        }
+        for name in CLUSTER_ORDER:
+            port = servers.free_port()
+            if name == CLUSTER_NAIVE:
+                anchor = str(self.config.anchors_dir / ANCHOR_FILES[report.NAIVE])
+                argv = [sys.executable, "-m", "bench.anchor_on", cluster.url(1), anchor, str(port)]
+                server_env, probe = dict(os.environ), Probe.ANY_ANSWER
+            else:
+                argv = _ingress_argv()
+                server_env = {
+                    **os.environ,
+                    **env,
+                    **variants[name],
+                    f"{ENV_PREFIX}HTTP_PORT": str(port),
+                    f"{ENV_PREFIX}SPOOL_DIR": str(workdir / f"spool-{name}"),
+                }
+                probe = Probe.READYZ
+            self.servers.append(
+                Server(
+                    name=name,
+                    argv=argv,
+                    env=server_env,
+                    port=port,
+                    log_path=workdir / f"{name}.log",
+                    probe=probe,
+                    cwd=REPO,
+                )
+            )
+            self.admins[name] = admin
+
     async def start(self, stack: AsyncExitStack) -> None:
         """Start every server (each stopped by `stack`), then wait until all of them answer."""
-        stack.push_async_callback(self.admin.purge, ANCHOR_QUEUE)
-        stack.push_async_callback(
-            self.admin.delete_namespace, self.namespace, tiers_s=self.settings.retry_tiers_s
-        )
+        for admin in {id(a): a for a in self.admins.values()}.values():
+            stack.push_async_callback(admin.purge, ANCHOR_QUEUE)
+            stack.push_async_callback(
+                admin.delete_namespace, self.namespace, tiers_s=self.settings.retry_tiers_s
+            )
         for server in self.servers:
             stack.push_async_callback(servers.stop, server)
             await servers.start(server)
@@ -229,16 +296,17 @@ class IngressBench:
             previous = current
 
     async def _drain(self, server: Server) -> None:
-        if server.name == INGRESS:
-            await self.admin.purge_all(self.queues)
+        admin = self.admins[server.name]
+        if _is_ingress(server.name):
+            await admin.purge_all(self.queues)
         else:
-            await self.admin.purge(ANCHOR_QUEUE)
+            await admin.purge(ANCHOR_QUEUE)
 
     async def _load(self, server: Server, duration_s: int) -> WrkResult:
         return await run_wrk(
             server.url,
             script=self.config.load_script,
-            keys=self.keys if server.name == INGRESS else "bench",
+            keys=self.keys if _is_ingress(server.name) else "bench",
             duration_s=duration_s,
             connections=self.config.connections,
             threads=WRK_THREADS,
@@ -248,7 +316,7 @@ class IngressBench:
         self, session: aiohttp.ClientSession, server: Server, round_number: int
     ) -> Run:
         """Warm up, drain, then one measured wrk run with CPU read around it."""
-        is_ingress = server.name == INGRESS
+        is_ingress = _is_ingress(server.name)
         await self._drain(server)
         await self._load(server, WARMUP_S)
         before: dict[str, int] = {}
@@ -282,12 +350,13 @@ class IngressBench:
             return after.get(outcome, 0) - before.get(outcome, 0)
 
         expected = delta("accepted")
-        stored = await self.admin.count(self.reservations)
+        admin = self.admins[run.server]
+        stored = await admin.count(self.reservations)
         for _ in range(STORED_RECHECKS):
             if stored == expected:
                 break
             await asyncio.sleep(STORED_RECHECK_S)
-            stored = await self.admin.count(self.reservations)
+            stored = await admin.count(self.reservations)
         return StoredCheck(
             round_number=run.round_number,
             stored=stored,
@@ -295,6 +364,7 @@ class IngressBench:
             server_spooled=delta("spooled"),
             wrk_accepted=run.wrk.accepted,
             connections=self.config.connections,
+            server=run.server,
         )
 
     async def rounds(self) -> None:
@@ -305,17 +375,21 @@ class IngressBench:
                     run = await self.measure(session, server, round_number)
                     self.runs.append(run)
                     print(_progress(run), flush=True)
-                    if server.name == INGRESS:
+                    if _is_ingress(server.name):
                         check = self.checks[-1]
                         print(f"  {check.line()}", flush=True)
                         if not check.ok:
                             print(f"!!! {check.line()}", file=sys.stderr, flush=True)
 
 
+def _is_ingress(name: str) -> bool:
+    return name.startswith(INGRESS)
+
+
 def _progress(run: Run) -> str:
     wrk = run.wrk
     return (
-        f"round {run.round_number} {run.server:<10} {wrk.accepted_per_s:8,.0f} accepted/s  "
+        f"round {run.round_number} {run.server:<19} {wrk.accepted_per_s:8,.0f} accepted/s  "
         f"p50 {wrk.latency_p50_ms:6.2f} ms  p99 {wrk.latency_p99_ms:6.2f} ms  "
         f"server {run.server_cpu_us_per_accepted:5,.0f} µs  "
         f"broker {run.broker_cpu_us_per_accepted:5,.0f} µs per accepted  "
@@ -323,12 +397,17 @@ def _progress(run: Run) -> str:
     )
 
 
-def _load_line(config: Config) -> str:
+def _load_line(config: Config, order: list[str] | None = None) -> str:
     return (
         f"wrk -t{WRK_THREADS} -c{config.connections} -d{config.duration_s}s --latency "
         f"-s {config.load_script}; {WARMUP_S} s warm-up before each run (discarded); "
-        f"{config.rounds} round(s) of {', '.join(SERVER_ORDER)}; medians over the rounds"
+        f"{config.rounds} round(s) of {', '.join(order or SERVER_ORDER)}; medians over the rounds"
     )
+
+
+def _all_ratio_rows(summaries: list[Summary]) -> list[list[str]]:
+    one_node = [s for s in summaries if s.server in SERVER_ORDER]
+    return [*report.ratio_rows(one_node), *report.ratio_rows(summaries, CLUSTER_PAIRS)]
 
 
 def render_text(summaries: list[Summary], targets: list[Target], checks: list[StoredCheck]) -> str:
@@ -338,7 +417,7 @@ def render_text(summaries: list[Summary], targets: list[Target], checks: list[St
         report.text_table(report.SUMMARY_HEADERS, report.summary_rows(summaries)),
         "",
         "The ingress's medians divided by each other server's:",
-        report.text_table(report.RATIO_HEADERS, report.ratio_rows(summaries)),
+        report.text_table(report.RATIO_HEADERS, _all_ratio_rows(summaries)),
         "",
         "Targets:",
         *(f"  {target.line()}" for target in targets),
@@ -365,7 +444,9 @@ def render_markdown(
         f"Measured {when:%Y-%m-%d %H:%M} UTC with `make bench` (`python -m bench ingress`).",
         "",
         *(f"- {line}" for line in machine.lines()),
-        f"- load: {_load_line(config)}",
+        f"- load: {_load_line(config, [s.server for s in summaries])}",
+        "- cluster rows: three local RabbitMQ nodes (scripts/rabbitmq-cluster.sh), quorum queues "
+        "on all three; ingress@cluster+tls reaches them over amqps:// with host names checked.",
         "- CPU per accepted request: utime+stime (+ waited-for children) from /proc/PID/stat "
         "around the measured run, divided by the 2xx answers; broker CPU is the `beam.smp` "
         "serving 127.0.0.1:5672, so anything else using that broker meanwhile counts too.",
@@ -376,7 +457,7 @@ def render_markdown(
         "",
         "## The ingress's medians divided by each other server's",
         "",
-        report.markdown_table(report.RATIO_HEADERS, report.ratio_rows(summaries)),
+        report.markdown_table(report.RATIO_HEADERS, _all_ratio_rows(summaries)),
         "",
         "## Targets",
         "",
@@ -409,14 +490,24 @@ async def _run(config: Config) -> int:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ingress-")))
         admin = await BrokerAdmin.open(AMQP_URL)
         stack.push_async_callback(admin.close)
-        bench = IngressBench(config, workdir, admin)
+        print("  starting the local three-node cluster", flush=True)
+        cluster, cluster_note = await asyncio.to_thread(bench_cluster.start)
+        cluster_admin = None
+        if cluster is None:
+            print(f"  no cluster rows: {cluster_note}", flush=True)
+        else:
+            stack.callback(cluster.down)
+            cluster_admin = await BrokerAdmin.open(cluster.url(1))
+            stack.push_async_callback(cluster_admin.close)
+        bench = IngressBench(config, workdir, admin, cluster, cluster_admin)
         if not bench.broker_pids:
             print("  warning: no beam.smp process found; broker CPU reads as 0", flush=True)
-        print(f"  namespace {bench.namespace}; starting the four servers", flush=True)
+        print(f"  namespace {bench.namespace}; starting {len(bench.servers)} servers", flush=True)
         await bench.start(stack)
         await bench.rounds()
-    summaries = report.summarize(bench.runs, SERVER_ORDER)
+    summaries = report.summarize(bench.runs, bench.order)
     targets = report.evaluate_targets(summaries)
+    targets += report.cluster_targets(summaries, CLUSTER_INGRESS, CLUSTER_NAIVE)
     print()
     print(render_text(summaries, targets, bench.checks))
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)

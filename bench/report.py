@@ -51,6 +51,7 @@ class StoredCheck:
     server_spooled: int
     wrk_accepted: int
     connections: int
+    server: str = SUBJECT
 
     @property
     def answered_after_wrk_stopped(self) -> int:
@@ -72,7 +73,7 @@ class StoredCheck:
         verdict = "stored = accepted: OK" if self.ok else "STORED != ACCEPTED: MISMATCH"
         stored = "no queue" if self.stored is None else f"{self.stored:,}"
         return (
-            f"round {self.round_number} ingress {verdict} (stored {stored}; "
+            f"round {self.round_number} {self.server} {verdict} (stored {stored}; "
             f"200s counted by the ingress {self.server_ok_answers:,}, of them spooled "
             f"{self.server_spooled:,}; 2xx read by wrk {self.wrk_accepted:,} + "
             f"{self.answered_after_wrk_stopped:,} answered after wrk stopped, "
@@ -176,6 +177,32 @@ def evaluate_targets(summaries: Sequence[Summary]) -> list[Target]:
     ]
 
 
+TARGET_MAX_SERVER_CPU_RATIO_VS_NAIVE = 0.5
+
+
+def cluster_targets(summaries: Sequence[Summary], subject: str, naive: str) -> list[Target]:
+    """The targets on the cluster: >= 2x naive's accepted/s, <= 1/2 its server CPU per request."""
+    by_name = _by_name(summaries)
+    mine, theirs = by_name.get(subject), by_name.get(naive)
+    if mine is None or theirs is None:
+        return []
+    throughput = _ratio(mine.accepted_per_s, theirs.accepted_per_s)
+    cpu = _ratio(mine.server_cpu_us, theirs.server_cpu_us)
+    return [
+        Target(
+            f"{subject} accepted/s >= {TARGET_MIN_ACCEPTED_RATIO_VS_NAIVE:g}x {naive}",
+            f"{throughput:.2f}x",
+            throughput >= TARGET_MIN_ACCEPTED_RATIO_VS_NAIVE,
+        ),
+        Target(
+            f"{subject} server CPU per accepted <= {TARGET_MAX_SERVER_CPU_RATIO_VS_NAIVE:g}x "
+            f"{naive}'s",
+            f"{cpu:.2f}x ({mine.server_cpu_us:.0f} µs vs {theirs.server_cpu_us:.0f} µs)",
+            cpu <= TARGET_MAX_SERVER_CPU_RATIO_VS_NAIVE,
+        ),
+    ]
+
+
 def _fmt(value: float, digits: int) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
 
@@ -233,22 +260,29 @@ def summary_rows(summaries: Sequence[Summary]) -> list[list[str]]:
     ]
 
 
-def ratio_rows(summaries: Sequence[Summary]) -> list[list[str]]:
-    """The ingress's medians divided by each other server's."""
-    subject = _by_name(summaries).get(SUBJECT)
-    if subject is None:
-        return []
-    return [
-        [
-            other.server,
-            _times(_ratio(subject.accepted_per_s, other.accepted_per_s)),
-            _times(_ratio(subject.p99_ms, other.p99_ms)),
-            _times(_ratio(subject.server_cpu_us, other.server_cpu_us)),
-            _times(_ratio(subject.total_cpu_us, other.total_cpu_us)),
-        ]
-        for other in summaries
-        if other.server != SUBJECT
-    ]
+def ratio_rows(
+    summaries: Sequence[Summary], pairs: Sequence[tuple[str, str]] | None = None
+) -> list[list[str]]:
+    """Each (subject, other) pair's medians divided; by default the ingress vs every other."""
+    by_name = _by_name(summaries)
+    if pairs is None:
+        pairs = [(SUBJECT, s.server) for s in summaries if s.server != SUBJECT]
+    rows = []
+    for subject_name, other_name in pairs:
+        subject, other = by_name.get(subject_name), by_name.get(other_name)
+        if subject is None or other is None:
+            continue
+        label = other.server if subject_name == SUBJECT else f"{subject_name} vs {other_name}"
+        rows.append(
+            [
+                label,
+                _times(_ratio(subject.accepted_per_s, other.accepted_per_s)),
+                _times(_ratio(subject.p99_ms, other.p99_ms)),
+                _times(_ratio(subject.server_cpu_us, other.server_cpu_us)),
+                _times(_ratio(subject.total_cpu_us, other.total_cpu_us)),
+            ]
+        )
+    return rows
 
 
 def run_rows(runs: Sequence[Run]) -> list[list[str]]:

@@ -25,7 +25,7 @@ from sandbox.server import (
 )
 from sandbox.till import SALE_WAIT_S
 from shared import logs
-from shared.errors import SettingsError
+from shared.errors import BrokerCertificateError, BrokerUnavailable, SettingsError
 from shared.journal import State
 from shared.settings import Settings, load_settings
 from workers.main import ROLES
@@ -43,10 +43,25 @@ def _settings() -> Settings:
     return settings
 
 
+def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
+    """Run `main` as a service; a broker that cannot be used, or a setting found bad only once
+    it runs (the ledger's database away, its schema old), ends it with its reason, exit 2."""
+    from shared.service import run
+
+    try:
+        return run(main)
+    except (BrokerCertificateError, BrokerUnavailable) as error:
+        print(f"bridge: cannot use the broker: {error}", file=sys.stderr)
+        return 2
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        return 2
+
+
 def _ingress(args: argparse.Namespace) -> int:
     settings = _settings()
     from ingress.app import create_app
-    from shared.service import run, start_site
+    from shared.service import start_site
 
     async def main(stop: asyncio.Event) -> None:
         runner, port = await start_site(
@@ -59,18 +74,7 @@ def _ingress(args: argparse.Namespace) -> int:
         await stop.wait()
         await runner.cleanup()
 
-    return run(main)
-
-
-def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
-    """Run a service; a setting found bad only once it runs (the ledger away) exits 2."""
-    from shared.service import run
-
-    try:
-        return run(main)
-    except SettingsError as error:
-        print(error, file=sys.stderr)
-        return 2
+    return _serve(main)
 
 
 def _checked(settings: Settings, role: str) -> None:
@@ -113,10 +117,9 @@ def _mint(args: argparse.Namespace) -> int:
 
 def _dlq(args: argparse.Namespace) -> int:
     settings = _settings()
-    from shared.service import run
     from workers import dlq
 
-    return run(lambda stop: dlq.command(settings, args))
+    return _serve(lambda stop: dlq.command(settings, args))
 
 
 def _db(args: argparse.Namespace) -> int:

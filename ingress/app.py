@@ -23,7 +23,14 @@ from ingress.doshii import (
 from ingress.openapi import openapi_document
 from ingress.spool import Spool, SpoolError
 from shared import envelope, metrics, service
-from shared.broker import Outgoing, Publisher, connection_name, declare_topology, send
+from shared.broker import (
+    Outgoing,
+    Publisher,
+    connection_name,
+    declare_topology,
+    send,
+    ssl_context,
+)
 from shared.errors import BrokerUnavailable, InvalidKey
 from shared.intake import CardRefHasher, intake_message_id, intake_request
 from shared.keys import KeyRing
@@ -392,7 +399,12 @@ async def _declare_until_done(ingress: Ingress) -> None:
 async def _broker_context(app: web.Application) -> AsyncIterator[None]:
     ingress = app[INGRESS]
     declaring = asyncio.create_task(_declare_until_done(ingress))
-    await ingress.publisher.start()
+    try:
+        await ingress.publisher.start()
+    except BaseException:
+        # A broker certificate that does not verify stops the ingress (never plain instead).
+        declaring.cancel()
+        raise
     if ingress.spool is not None:
         await ingress.spool.start(ingress.publisher)
     yield
@@ -408,7 +420,9 @@ def create_app(
     """The ingress application; the same factory serves `bridge ingress`, tests and benchmarks."""
     if publisher is None:
         publisher = ConfirmedPublisher(
-            settings.amqp_url.get_secret_value(),
+            settings.amqp_urls,
+            ssl_context=ssl_context(settings),
+            connect_timeout_s=settings.amqp_connect_timeout_s,
             confirm_timeout_s=settings.publish_timeout_s,
             connection_name=connection_name("ingress"),
             # A dead connection shows within two intervals; the default 30 s is too slow here.

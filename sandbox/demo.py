@@ -48,8 +48,8 @@ from sandbox.doshii import CARD_ACTIVATE, Webhook
 from sandbox.server import Sandboxes, start_sandboxes
 from sandbox.story import CASES, Row, Ticket, Timing, expected, play_story
 from shared import topology
-from shared.broker import connection_name
-from shared.errors import SettingsError
+from shared.broker import connect
+from shared.errors import BridgeError, SettingsError
 from shared.ledger import Ledger, create_pool
 from shared.settings import ENV_PREFIX, Settings, load_settings
 from workers import dlq
@@ -345,7 +345,7 @@ async def dead_letters(settings: Settings) -> list[str]:
     """Print the namespace's dead letters; returns a problem per letter (or the failure)."""
     try:
         letters = await dlq.list_dead(settings)
-    except (aio_pika.exceptions.AMQPError, OSError) as error:
+    except (aio_pika.exceptions.AMQPError, OSError, BridgeError) as error:
         return [f"could not read the dead queue: {error}"]
     if not letters:
         say(f"dead letters in {topology.Names(settings.namespace).dead}: none")
@@ -369,7 +369,7 @@ async def management_answers(host: str) -> bool:
 
 async def dashboard_hint(settings: Settings) -> str:
     """Where the RabbitMQ dashboard is, or how to turn it on."""
-    host = urlsplit(settings.amqp_url.get_secret_value()).hostname or LOOPBACK
+    host = urlsplit(settings.amqp_urls[0]).hostname or LOOPBACK
     url = f"http://{host}:{MANAGEMENT_PORT}"
     if await management_answers(host):
         return f"{url}  (queues named {settings.namespace}.*)"
@@ -559,10 +559,7 @@ async def drop_ledger(settings: Settings) -> None:
 
 async def delete_namespace(settings: Settings) -> None:
     """Delete every exchange and queue of the run's namespace."""
-    connection = await aio_pika.connect(
-        settings.amqp_url.get_secret_value(),
-        client_properties={"connection_name": connection_name("demo cleanup")},
-    )
+    connection = await connect(settings, "demo cleanup")
     async with connection:
         channel = await connection.channel()
         await topology.delete(channel, settings.namespace, tiers_s=settings.retry_tiers_s)
@@ -591,7 +588,7 @@ async def clean_up(bridge: Bridge, settings: Settings) -> list[str]:
         say(f"cleanup: namespace {settings.namespace} deleted from the broker")
         await drop_ledger(settings)
         say(f"cleanup: ledger schema {settings.database_schema} dropped")
-    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError, SettingsError) as error:
+    except (aio_pika.exceptions.AMQPError, OSError, TimeoutError, BridgeError) as error:
         problem = (
             f"could not delete namespace {settings.namespace} or its ledger schema "
             f"({type(error).__name__}: "

@@ -6,21 +6,28 @@ set -euo pipefail
 url="${BRIDGE_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
 wait_s="${BRIDGE_BROKER_WAIT_S:-60}"
 
+# BRIDGE_AMQP_URL may list a cluster's nodes, comma-separated: one node answering is enough.
 answers() {
     python3 - "$url" <<'PY'
 import socket, sys
 from urllib.parse import urlsplit
-u = urlsplit(sys.argv[1])
-host, port = u.hostname or "127.0.0.1", u.port or (5671 if u.scheme == "amqps" else 5672)
-try:
-    with socket.create_connection((host, port), timeout=2) as s:
-        s.sendall(b"AMQP\x00\x00\x09\x01")
-        s.settimeout(5)
-        frame = s.recv(8)
-        # A broker answers the protocol header with a Connection.Start method frame (type 1).
-        sys.exit(0 if frame[:1] == b"\x01" else 1)
-except OSError:
-    sys.exit(1)
+
+def answers(url: str) -> bool:
+    u = urlsplit(url.strip())
+    tls = u.scheme == "amqps"
+    host, port = u.hostname or "127.0.0.1", u.port or (5671 if tls else 5672)
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            if tls:
+                return True  # a TLS listener takes the connection; the bridge checks the rest
+            s.sendall(b"AMQP\x00\x00\x09\x01")
+            s.settimeout(5)
+            # A broker answers the protocol header with a Connection.Start method frame (type 1).
+            return s.recv(8)[:1] == b"\x01"
+    except (OSError, ValueError):
+        return False
+
+sys.exit(0 if any(answers(u) for u in sys.argv[1].split(",") if u.strip()) else 1)
 PY
 }
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
 from shared import topology
+from shared.errors import BrokerCertificateError, BrokerUnavailable
 from shared.settings import Settings
+from shared.tls import certificate_problem, client_context, needs_tls
 
 HeaderValue = str | int | float | bool
 
@@ -72,12 +76,78 @@ def connection_name(role: str) -> str:
     return f"voucher-bridge {role} {socket.gethostname()} pid {os.getpid()}"
 
 
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The context every amqps:// connection uses; None when no URL needs TLS."""
+    if not needs_tls(settings.amqp_urls):
+        return None
+    return client_context(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file)
+
+
+def address(url: str) -> str:
+    """host:port of a broker URL, how errors and logs name a node (never its credentials)."""
+    parts = urlsplit(url)
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    return f"{parts.hostname}:{port}"
+
+
+class Nodes:
+    """The broker's nodes (BRIDGE_AMQP_URL) and how to reach one that answers.
+
+    Each connect tries the nodes in order, starting after the one it reached last time: a
+    process that lost its node goes to the next one and tries the lost one last.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.urls = settings.amqp_urls
+        self.context = ssl_context(settings)
+        self._next = 0
+        self.current: str | None = None  # host:port of the node last connected to
+
+    async def connect(self, role: str) -> AbstractConnection:
+        """An aio-pika connection to the first node that answers, named for its role.
+
+        Raises BrokerCertificateError when a node's certificate was refused and none answered,
+        BrokerUnavailable when no node answered.
+        """
+        count = len(self.urls)
+        failures: list[str] = []
+        refused: list[str] = []
+        last: Exception | None = None
+        for step in range(count):
+            index = (self._next + step) % count
+            url = self.urls[index]
+            try:
+                connection = await aio_pika.connect(
+                    url,
+                    ssl_context=self.context,
+                    timeout=self.settings.amqp_connect_timeout_s,
+                    client_properties={"connection_name": connection_name(role)},
+                )
+            except Exception as error:
+                # aiormq raises more than AMQP and socket errors (StopAsyncIteration on a reset
+                # mid-handshake): whatever it is, this node did not answer.
+                last = error
+                problem = certificate_problem(error)
+                if problem is not None:
+                    refused.append(f"broker {address(url)}: TLS certificate refused: {problem}")
+                failures.append(f"{address(url)}: {type(error).__name__}: {error}")
+                continue
+            self._next = (index + 1) % count
+            self.current = address(url)
+            return connection
+        if refused:
+            raise BrokerCertificateError(
+                "; ".join(refused)
+                + " (BRIDGE_AMQP_CA_FILE names the CA to trust; the host in BRIDGE_AMQP_URL must"
+                " be one the certificate names)"
+            ) from last
+        raise BrokerUnavailable("no broker node answered: " + "; ".join(failures)) from last
+
+
 async def connect(settings: Settings, role: str) -> AbstractConnection:
-    """An aio-pika connection named for its role (callers own reconnecting, if they need it)."""
-    return await aio_pika.connect(
-        settings.amqp_url.get_secret_value(),
-        client_properties={"connection_name": connection_name(role)},
-    )
+    """A connection to the first node of BRIDGE_AMQP_URL that answers (callers own reconnecting)."""
+    return await Nodes(settings).connect(role)
 
 
 async def declare_topology(settings: Settings) -> topology.Names:
@@ -89,4 +159,5 @@ async def declare_topology(settings: Settings) -> topology.Names:
             settings.namespace,
             tiers_s=settings.retry_tiers_s,
             delivery_limit=settings.delivery_limit,
+            initial_group_size=settings.quorum_initial_group_size,
         )

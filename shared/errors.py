@@ -27,5 +27,9 @@ class BrokerUnavailable(TransientError):
     """The broker did not take a message: not connected, nacked, unroutable or unconfirmed."""
 
 
+class BrokerCertificateError(BridgeError):
+    """A broker's TLS certificate did not verify: retrying cannot help, the settings must change."""
+
+
 class InvalidKey(BridgeError):
     """A notificationKey that is missing, malformed or not signed by any of our secrets."""

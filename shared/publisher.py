@@ -19,6 +19,11 @@ path small:
 unroutable, no confirm in time, or the connection/channel closing with the message in flight.
 A BrokerUnavailable does not prove the message was *not* enqueued (the broker may have taken it
 just before the connection dropped); consumers must tolerate duplicates, keyed by message_id.
+
+amqps:// URLs wrap the transport in TLS (the caller's SSLContext, else the system store, with the
+host name always checked). Given several URLs (a cluster's nodes), it connects to the first that
+answers and, when that connection is lost, tries the others starting with the next one, so a
+node that went away is tried last.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ssl
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Final, cast
 from urllib.parse import quote, unquote, urlsplit
@@ -42,7 +48,8 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader, ProtocolHeader
 from pamqp.heartbeat import Heartbeat
 
-from shared.errors import BrokerUnavailable
+from shared.errors import BrokerCertificateError, BrokerUnavailable
+from shared.tls import certificate_problem
 
 __all__ = ["ConfirmedPublisher", "HeaderValue"]
 
@@ -205,6 +212,7 @@ class _Params:
         "host",
         "password",
         "port",
+        "tls",
         "user",
         "vhost",
     )
@@ -218,13 +226,14 @@ class _Params:
         heartbeat_s: int,
         connect_timeout_s: float,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme == "amqps":
-            raise ValueError("amqps:// is not supported by ConfirmedPublisher; use amqp://")
-        if parts.scheme != "amqp":
-            raise ValueError(f"not an AMQP URL (scheme {parts.scheme!r}); expected amqp://")
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ValueError(
+                f"not an AMQP URL (scheme {parts.scheme!r}); expected amqp:// or amqps://"
+            )
+        self.tls = parts.scheme == "amqps"
         self.host = parts.hostname or "localhost"
-        self.port = parts.port or 5672
+        self.port = parts.port or (5671 if self.tls else 5672)
         self.user = unquote(parts.username) if parts.username is not None else "guest"
         self.password = unquote(parts.password) if parts.password is not None else "guest"
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
@@ -243,7 +252,13 @@ class _Params:
     @property
     def where(self) -> str:
         """The broker address without credentials, safe to log."""
-        return f"amqp://{self.host}:{self.port}/{quote(self.vhost, safe='')}"
+        scheme = "amqps" if self.tls else "amqp"
+        return f"{scheme}://{self.host}:{self.port}/{quote(self.vhost, safe='')}"
+
+    @property
+    def address(self) -> str:
+        """host:port, how an error names the broker."""
+        return f"{self.host}:{self.port}"
 
 
 class _HandshakeError(Exception):
@@ -906,22 +921,44 @@ class ConfirmedPublisher:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         confirm_timeout_s: float = 5.0,
         connection_name: str = "voucher-bridge ingress",
         heartbeat_s: int = 30,
         connect_timeout_s: float = 5.0,
         reconnect_max_delay_s: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Check the settings; nothing connects before `start()`. amqps:// raises ValueError."""
-        self._params = _Params(
-            url,
-            confirm_timeout_s=confirm_timeout_s,
-            connection_name=connection_name,
-            heartbeat_s=heartbeat_s,
-            connect_timeout_s=connect_timeout_s,
-        )
+        """Check the settings; nothing connects before `start()`.
+
+        `url` is one broker URL, or several (a sequence, or one comma-separated string): a
+        cluster's nodes, tried in order. amqps:// URLs use `ssl_context`, by default one that
+        trusts the system store; hostname checks cannot be turned off.
+        """
+        urls = [u for u in url.split(",") if u.strip()] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("no broker URL given")
+        self._nodes = [
+            _Params(
+                u,
+                confirm_timeout_s=confirm_timeout_s,
+                connection_name=connection_name,
+                heartbeat_s=heartbeat_s,
+                connect_timeout_s=connect_timeout_s,
+            )
+            for u in urls
+        ]
+        if ssl_context is None and any(node.tls for node in self._nodes):
+            ssl_context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if ssl_context is not None and (
+            not ssl_context.check_hostname or ssl_context.verify_mode is not ssl.CERT_REQUIRED
+        ):
+            raise ValueError("the SSL context must verify the certificate and the host name")
+        self._ssl_context = ssl_context
+        # The node connected to (or the first); the next connect starts after it.
+        self._params = self._nodes[0]
+        self._next_node = 0
         self._reconnect_max_delay_s = max(reconnect_max_delay_s, 0.1)
         self._conn: _Connection | None = None
         self._started = False
@@ -939,6 +976,10 @@ class ConfirmedPublisher:
         self._started = True
         try:
             await self._connect_once()
+        except BrokerCertificateError:
+            # Retrying cannot make a certificate verify: stop with the reason.
+            self._closed = True
+            raise
         except Exception as exc:
             self._last_failure = _describe(exc)
             _log.warning(
@@ -1034,12 +1075,55 @@ class ConfirmedPublisher:
         return conn.not_ready_reason()
 
     async def _connect_once(self) -> None:
-        params = self._params
+        """Connect to the first node that answers, starting after the one connected to last.
+
+        Raises BrokerCertificateError if some node's certificate was refused and none answered,
+        else the last node's error (all of them in its message when there are several).
+        """
+        count = len(self._nodes)
+        failures: list[str] = []
+        refused: list[str] = []
+        last: Exception | None = None
+        for step in range(count):
+            index = (self._next_node + step) % count
+            params = self._nodes[index]
+            try:
+                await self._connect_node(params)
+            except Exception as exc:
+                last = exc
+                problem = certificate_problem(exc)
+                if problem is not None:
+                    refused.append(f"broker {params.address}: TLS certificate refused: {problem}")
+                failures.append(f"{params.address}: {_describe(exc)}")
+                continue
+            self._next_node = (index + 1) % count
+            return
+        if refused:
+            raise BrokerCertificateError(
+                "; ".join(refused)
+                + " (BRIDGE_AMQP_CA_FILE names the CA to trust; the host in BRIDGE_AMQP_URL must"
+                " be one the certificate names)"
+            ) from last
+        assert last is not None
+        if count == 1:
+            raise last
+        raise ConnectionError("no broker node answered: " + "; ".join(failures)) from last
+
+    async def _connect_node(self, params: _Params) -> None:
         loop = asyncio.get_running_loop()
         conn = _Connection(self, params)
         try:
             async with asyncio.timeout(params.connect_timeout_s):
-                await loop.create_connection(lambda: conn, params.host, params.port)
+                if params.tls:
+                    await loop.create_connection(
+                        lambda: conn,
+                        params.host,
+                        params.port,
+                        ssl=self._ssl_context,
+                        server_hostname=params.host,
+                    )
+                else:
+                    await loop.create_connection(lambda: conn, params.host, params.port)
                 await asyncio.shield(conn.opened)
         except BaseException as exc:
             reason = "connect timed out" if isinstance(exc, TimeoutError) else _describe(exc)
@@ -1060,6 +1144,7 @@ class ConfirmedPublisher:
             return
         conn.hand_over()
         self._conn = conn
+        self._params = params
         self._last_failure = ""
         _log.info(
             "amqp publisher connected",

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import SettingsError
+from shared.tls import client_context, needs_tls
 
 ENV_PREFIX = "BRIDGE_"
 
@@ -114,8 +115,17 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
     )
 
-    # Broker
+    # Broker: one URL, or a comma-separated list of a cluster's nodes (tried in order).
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    # TLS for amqps:// URLs: the CA bundle to trust (None: the system store), and an optional
+    # client certificate (its key in amqp_key_file, or in the same file). Hostnames are always
+    # checked.
+    amqp_ca_file: FilePath | None = None
+    amqp_cert_file: FilePath | None = None
+    amqp_key_file: FilePath | None = None
+    amqp_connect_timeout_s: float = Field(5.0, gt=0, le=120)
+    # Replicas per quorum queue; None: the broker's default (every node of a cluster up to 5).
+    quorum_initial_group_size: int | None = Field(None, ge=1, le=99)
     namespace: str = Field("bridge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
     # Notification keys: the first secret signs, all of them verify.
@@ -246,9 +256,31 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp(cls, value: SecretStr) -> SecretStr:
-        if urlsplit(value.get_secret_value()).scheme not in ("amqp", "amqps"):
-            raise ValueError("must be an amqp:// or amqps:// URL")
+        urls = _split_commas(value.get_secret_value())
+        if not urls:
+            raise ValueError("must be an amqp:// or amqps:// URL, or a comma-separated list")
+        for index, url in enumerate(urls, start=1):
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError as error:
+                raise ValueError(f"URL {index} of the list is not a URL: {error}") from None
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(f"URL {index} of the list is not an amqp:// or amqps:// URL")
         return value
+
+    @field_validator("amqp_key_file")
+    @classmethod
+    def _key_needs_cert(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("amqp_cert_file") is None:
+            raise ValueError(f"a key without {ENV_PREFIX}AMQP_CERT_FILE: set both, or neither")
+        return value
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker URLs, in the order connections try them."""
+        urls: list[str] = _split_commas(self.amqp_url.get_secret_value())
+        return urls
 
 
 def describe_errors(error: ValidationError) -> str:
@@ -289,6 +321,10 @@ def check_intake(settings: Settings) -> None:
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings from the environment; exit with a message naming each bad variable."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as error:
         raise SettingsError(describe_errors(error)) from error
+    if needs_tls(settings.amqp_urls):
+        # Load the CA and client certificate now, so a bad file stops the start naming it.
+        client_context(settings.amqp_ca_file, settings.amqp_cert_file, settings.amqp_key_file)
+    return settings

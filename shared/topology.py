@@ -11,7 +11,9 @@
     <ns>.journal (fanout) ─▶ <ns>.ledger  (journey steps; the ledger worker writes them down)
 
 Every queue is a quorum queue with at-least-once dead-lettering, so a message moving to a delay
-tier, back from one, or to the dead queue is never dropped on the way.
+tier, back from one, or to the dead queue is never dropped on the way. On a cluster each quorum
+queue is replicated to `initial_group_size` nodes (by default the broker's: every node, up to 5),
+so it keeps working while a minority of the nodes is away.
 """
 
 from __future__ import annotations
@@ -92,9 +94,15 @@ class Names:
         return None
 
 
-def _quorum(extra: FieldTable) -> FieldTable:
+def _replicas(initial_group_size: int | None) -> FieldTable:
+    if initial_group_size is None:
+        return {"x-queue-type": "quorum"}
+    return {"x-queue-type": "quorum", "x-quorum-initial-group-size": initial_group_size}
+
+
+def _quorum(extra: FieldTable, initial_group_size: int | None) -> FieldTable:
     return {
-        "x-queue-type": "quorum",
+        **_replicas(initial_group_size),
         "x-dead-letter-strategy": "at-least-once",
         # at-least-once dead-lettering requires reject-publish overflow.
         "x-overflow": "reject-publish",
@@ -103,9 +111,19 @@ def _quorum(extra: FieldTable) -> FieldTable:
 
 
 async def declare(
-    channel: AbstractChannel, namespace: str, *, tiers_s: Sequence[int], delivery_limit: int
+    channel: AbstractChannel,
+    namespace: str,
+    *,
+    tiers_s: Sequence[int],
+    delivery_limit: int,
+    initial_group_size: int | None = None,
 ) -> Names:
-    """Declare every exchange, queue and binding of `namespace`. Declaring twice is harmless."""
+    """Declare every exchange, queue and binding of `namespace`. Declaring twice is harmless.
+
+    `initial_group_size` is how many cluster nodes hold each quorum queue (None: the broker's
+    default). RabbitMQ refuses (PRECONDITION_FAILED) a declare whose size differs from the one
+    an existing queue was created with: it must stay what it was for a namespace.
+    """
     names = Names(namespace)
     kinds = aio_pika.ExchangeType
     events = await channel.declare_exchange(names.events, kinds.TOPIC, durable=True)
@@ -115,7 +133,7 @@ async def declare(
     journal = await channel.declare_exchange(names.journal, kinds.FANOUT, durable=True)
 
     dead_queue = await channel.declare_queue(
-        names.dead, durable=True, arguments={"x-queue-type": "quorum"}
+        names.dead, durable=True, arguments=_replicas(initial_group_size)
     )
     await dead_queue.bind(dead)
 
@@ -124,7 +142,8 @@ async def declare(
             names.queue(stage),
             durable=True,
             arguments=_quorum(
-                {"x-delivery-limit": delivery_limit, "x-dead-letter-exchange": names.dead}
+                {"x-delivery-limit": delivery_limit, "x-dead-letter-exchange": names.dead},
+                initial_group_size,
             ),
         )
         await queue.bind(events, routing_key=route)
@@ -136,7 +155,8 @@ async def declare(
         names.ledger,
         durable=True,
         arguments=_quorum(
-            {"x-delivery-limit": delivery_limit, "x-dead-letter-exchange": names.dead}
+            {"x-delivery-limit": delivery_limit, "x-dead-letter-exchange": names.dead},
+            initial_group_size,
         ),
     )
     await ledger.bind(journal)
@@ -146,7 +166,8 @@ async def declare(
             names.tier_queue(delay_s),
             durable=True,
             arguments=_quorum(
-                {"x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": names.retry}
+                {"x-message-ttl": delay_s * 1000, "x-dead-letter-exchange": names.retry},
+                initial_group_size,
             ),
         )
         await tier.bind(delay, arguments={"x-match": "all", TIER_HEADER: f"{delay_s}s"})

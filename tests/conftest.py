@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from shared import topology
 from shared.ledger import Ledger, create_pool
 from shared.settings import Settings
+from tests.support.cluster import Cluster, ClusterUnavailable, running_cluster
 
 AMQP_URL = os.environ.get("BRIDGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 DATABASE_URL = os.environ.get(
@@ -121,6 +122,25 @@ async def broker(
         yield names
     finally:
         await topology.delete(channel, settings.namespace, tiers_s=settings.retry_tiers_s)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The local three-node cluster (scripts/rabbitmq-cluster.sh), up for the whole session."""
+    try:
+        with running_cluster(tmp_path_factory.mktemp("cluster-tls")) as started:
+            yield started
+    except ClusterUnavailable as error:
+        pytest.skip(f"no local RabbitMQ cluster: {error}")
+
+
+@pytest.fixture
+def cluster_nodes(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster for a test that stops nodes: every node runs again afterwards."""
+    try:
+        yield cluster
+    finally:
+        cluster.start_all()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

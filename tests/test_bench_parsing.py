@@ -9,6 +9,7 @@ import pytest
 from bench.deps import version_tuple
 from bench.ingress import parse_outcomes
 from bench.procstat import broker_pids, listening_inodes, parse_cpu_ticks, pids_named
+from bench.report import Summary, cluster_targets, ratio_rows
 from bench.wrk import WrkError, parse_wrk_output
 
 # Captured from `wrk -t1 -c64 -d2s --latency -s post.lua` against the ingress with a bogus key.
@@ -190,3 +191,23 @@ def test_broker_pids_pick_the_node_that_listens(tmp_path: Path) -> None:
     assert broker_pids(5672, proc=tmp_path) == [12]
     # When no beam.smp is seen listening (a broker in a container, say), every one counts.
     assert broker_pids(5999, proc=tmp_path) == [10, 12]
+
+
+def _summary(server: str, accepted_per_s: float, server_cpu_us: float) -> Summary:
+    return Summary(server, 1, accepted_per_s, 5.0, 10.0, server_cpu_us, 100.0, 0, 0)
+
+
+def test_cluster_targets_compare_the_pair_on_the_cluster() -> None:
+    summaries = [
+        _summary("ingress@cluster", 3000, 120),
+        _summary("naive@cluster", 1000, 300),
+        _summary("ingress@cluster+tls", 2400, 150),
+    ]
+    passed = [t.passed for t in cluster_targets(summaries, "ingress@cluster", "naive@cluster")]
+    assert passed == [True, True]
+    slower = [_summary("ingress@cluster", 1900, 160), summaries[1]]
+    failed = [t.passed for t in cluster_targets(slower, "ingress@cluster", "naive@cluster")]
+    assert failed == [False, False]  # 1.9x throughput, 0.53x CPU
+    rows = ratio_rows(summaries, [("ingress@cluster+tls", "ingress@cluster")])
+    assert rows == [["ingress@cluster+tls vs ingress@cluster", "0.80x", "1.00x", "1.25x", "1.14x"]]
+    assert cluster_targets(summaries[:1], "ingress@cluster", "naive@cluster") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -476,9 +477,43 @@ def test_url_parts_are_decoded() -> None:
     assert ConfirmedPublisher("amqp://h/%2F")._params.vhost == "/"
 
 
-def test_amqps_is_refused_clearly() -> None:
-    with pytest.raises(ValueError, match="amqps"):
-        ConfirmedPublisher("amqps://guest:guest@127.0.0.1:5671/")
+def test_amqps_and_node_lists_are_parsed() -> None:
+    publisher = ConfirmedPublisher("amqps://u:p@broker.example/,amqp://h2:5702/v")
+    first, second = publisher._nodes
+    assert (first.tls, first.host, first.port, first.address) == (
+        True,
+        "broker.example",
+        5671,
+        "broker.example:5671",
+    )
+    assert (second.tls, second.port, second.vhost) == (False, 5702, "v")
+    assert publisher._ssl_context is not None  # the system store, for the amqps:// node
+
+
+def test_a_context_that_does_not_check_host_names_is_refused() -> None:
+    lax = ssl.create_default_context()
+    lax.check_hostname = False
+    with pytest.raises(ValueError, match="host name"):
+        ConfirmedPublisher("amqps://h/", ssl_context=lax)
+    with pytest.raises(ValueError, match="scheme"):
+        ConfirmedPublisher("http://h/")
+
+
+async def test_a_node_that_does_not_answer_is_passed_over(make_publisher: MakePublisher) -> None:
+    """Port 9 on loopback refuses: the publisher goes on to the next node in the list."""
+    publisher = await make_publisher(f"amqp://guest:guest@127.0.0.1:9/,{AMQP_URL}")
+    assert publisher._params.address == f"{BROKER.hostname}:{BROKER.port or 5672}"
+    assert publisher.ready
+
+
+async def test_when_no_node_answers_the_error_names_each() -> None:
+    publisher = ConfirmedPublisher(
+        "amqp://127.0.0.1:9/,amqp://127.0.0.1:7/", connect_timeout_s=1.0, reconnect_max_delay_s=5
+    )
+    await publisher.start()  # keeps trying in the background
+    with pytest.raises(BrokerUnavailable, match=r"127\.0\.0\.1:9: .*127\.0\.0\.1:7: "):
+        await publisher.publish("", "q", b"{}", message_id="nowhere")
+    await publisher.close()
 
 
 async def test_publish_before_start_is_refused() -> None:

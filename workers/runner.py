@@ -36,8 +36,8 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from shared import envelope, journal, metrics, topology
-from shared.broker import Outgoing, connect, connection_name
-from shared.errors import PermanentError, TransientError
+from shared.broker import Nodes, Outgoing, connection_name
+from shared.errors import BrokerCertificateError, PermanentError, TransientError
 from shared.journal import Journal, State, Step
 from shared.settings import Settings
 from shared.topology import Names, Stage
@@ -485,7 +485,11 @@ async def until_quiet(
 
 
 class Runner:
-    """Runs stage runners on one connection, reconnecting with consumers back after a loss."""
+    """Runs stage runners on one connection, reconnecting with consumers back after a loss.
+
+    With several broker nodes, a lost connection is replaced by one to the next node that
+    answers (the lost node is tried last), and every consumer is attached to it again.
+    """
 
     def __init__(
         self,
@@ -504,6 +508,7 @@ class Runner:
         self.stages += consumers
         self.connected = asyncio.Event()
         self.connection: AbstractConnection | None = None
+        self.nodes = Nodes(settings)
 
     @property
     def ready(self) -> bool:
@@ -514,32 +519,52 @@ class Runner:
         return sum(len(s.in_flight) for s in self.stages)
 
     async def _connect(self) -> AbstractConnection:
-        connection = await connect(self.settings, self.role)
-        async with connection.channel() as channel:
-            await topology.declare(
-                channel,
-                self.settings.namespace,
-                tiers_s=self.settings.retry_tiers_s,
-                delivery_limit=self.settings.delivery_limit,
+        connection = await self.nodes.connect(self.role)
+        try:
+            async with connection.channel() as channel:
+                await topology.declare(
+                    channel,
+                    self.settings.namespace,
+                    tiers_s=self.settings.retry_tiers_s,
+                    delivery_limit=self.settings.delivery_limit,
+                    initial_group_size=self.settings.quorum_initial_group_size,
+                )
+            # One journal per connection: its steps travel on a channel of the same connection.
+            steps = (
+                await journal_for(connection, self.names, self.settings.journal_linger_s)
+                if self.settings.ledger
+                else None
             )
-        # One journal per connection: its steps travel on a channel of the same connection.
-        steps = (
-            await journal_for(connection, self.names, self.settings.journal_linger_s)
-            if self.settings.ledger
-            else None
-        )
-        for stage in self.stages:
-            await stage.attach(connection, steps)
+            for stage in self.stages:
+                await stage.attach(connection, steps)
+        except BaseException:
+            # A node that accepted the connection and then failed us: no half-open leftovers.
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
         return connection
 
     async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
-        """Consume until `stop` is set (or, with drain, until the queues are empty)."""
+        """Consume until `stop` is set (or, with drain, until the queues are empty).
+
+        Raises BrokerCertificateError if the broker's certificate is refused before the first
+        connection: retrying cannot fix that. After a first connection, every failure is retried.
+        """
         delay_s = 0.1
         stopping = asyncio.ensure_future(stop.wait())
+        ever_connected = False
         try:
             while not stop.is_set():
                 try:
                     connection = await self._connect()
+                except BrokerCertificateError as error:
+                    if not ever_connected:
+                        raise
+                    log.error("broker_certificate_refused", error=str(error), retry_in_s=delay_s)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(stopping), delay_s)
+                    delay_s = min(delay_s * 2, RECONNECT_MAX_DELAY_S)
+                    continue
                 except Exception as error:
                     # Not only AMQP and socket errors: aiormq can raise StopAsyncIteration when
                     # a peer accepts and resets mid-handshake. Nothing may end this loop.
@@ -553,9 +578,14 @@ class Runner:
                     delay_s = min(delay_s * 2, RECONNECT_MAX_DELAY_S)
                     continue
                 delay_s = 0.1
+                ever_connected = True
                 self.connection = connection
                 self.connected.set()
-                log.info("consuming", stages=[s.name for s in self.stages])
+                log.info(
+                    "consuming",
+                    stages=[s.name for s in self.stages],
+                    broker=self.nodes.current,
+                )
                 closed = asyncio.ensure_future(self._closed(connection))
                 waiters: list[asyncio.Future[Any]] = [stopping, closed]
                 if drain:
