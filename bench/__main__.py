@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench import deps, ingress, pipeline
+from bench import deps, ingress, pipeline, till
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         description="vouchers end to end, voucher-bridge and the FastStream peer in turns",
         main=pipeline.main,
         requirements=pipeline.REQUIREMENTS,
+    ),
+    Benchmark(
+        name="till",
+        description="cards sold at the till, each followed to an activated card, ledger on",
+        main=till.main,
     ),
 )
 
