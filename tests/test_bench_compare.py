@@ -11,6 +11,7 @@ from bench import pipeline
 from bench.pipeline_compare import (
     BASELINE,
     BRIDGE,
+    NO_LEDGER,
     PEER,
     RATE,
     THROUGHPUT,
@@ -224,7 +225,7 @@ def test_config_reads_rounds_subjects_and_the_anchors_folder(tmp_path: Path) -> 
     (anchors / pipeline.PEER_SCRIPT).write_text("")
     env = {"BENCH_ANCHORS_DIR": str(anchors), "BENCH_PIPELINE_ROUNDS": "5"}
     config = pipeline.Config.from_env(env)
-    assert (config.rounds, config.subjects) == (5, (PEER, BRIDGE))
+    assert (config.rounds, config.subjects) == (5, (PEER, NO_LEDGER, BRIDGE))
     bridge_only = {"BENCH_PIPELINE_SUBJECTS": "bridge"}
     assert pipeline.Config.from_env(bridge_only).rounds == pipeline.DEFAULT_ROUNDS
     empty = {"BENCH_ANCHORS_DIR": str(anchors / "nowhere")}

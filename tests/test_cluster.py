@@ -46,7 +46,7 @@ async def test_quorum_queues_are_replicated_to_every_node(
 ) -> None:
     names = await declare(on_cluster, None)
     queues = cluster.queues(2, on_cluster.namespace)
-    expected = [names.dead, *(names.queue(s) for s in Stage)]
+    expected = [names.dead, names.ledger, *(names.queue(s) for s in Stage)]
     expected += [names.tier_queue(t) for t in on_cluster.retry_tiers_s]
     assert sorted(queues) == sorted(expected)
     everyone = sorted(cluster.node_name(n) for n in (1, 2, 3))

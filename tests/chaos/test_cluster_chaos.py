@@ -60,9 +60,13 @@ class Kit:
 
 @pytest.fixture
 async def kit(
-    cluster_nodes: Cluster, make_settings: Callable[..., Settings], tmp_path: Path
+    cluster_nodes: Cluster,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    ledger_schema: str,
 ) -> AsyncIterator[Kit]:
-    """The namespace declared through node 2; the test's own channel on node 3 (never stopped)."""
+    """The namespace declared through node 2 (and its ledger schema); the test's own channel on
+    node 3 (never stopped)."""
     cluster = cluster_nodes
     tiers = ",".join(map(str, TIERS_S))
     await declare_topology(make_settings(amqp_url=cluster.url(2), retry_tiers_s=tiers))
