@@ -20,6 +20,7 @@ from bench.pipeline_compare import (
     cpu_rows,
     headline_headers,
     headline_rows,
+    ledger_targets,
     median,
     ratio,
     round_rows,
@@ -30,6 +31,7 @@ from bench.procstat import CLOCK_TICKS_PER_S
 from bench.pyspy import Recorder, inclusive_by_function, parse_folded, summary
 
 TOTAL = "ingress + workers"
+LEDGER = "ledger: worker + PostgreSQL"
 ROWS = ("ingress", TOTAL)
 
 
@@ -310,3 +312,26 @@ def test_hot_spots_read_as_microseconds_per_voucher(tmp_path: Path) -> None:
     recorder = Recorder("worker pdfs", 7, tmp_path / "pdfs.txt")
     lines = pipeline.profile_lines(BRIDGE, [(recorder, stacks)], run)
     assert lines[0] == "bridge worker pdfs (pid 7): 4 samples, 2,000 µs of CPU per voucher"
+
+
+def _ledger_rounds(bridge_per_s: float, ledger_ms: float) -> list[Measured]:
+    runs: list[Measured] = []
+    for number in (1, 2, 3):
+        for subject, per_s, cost in ((NO_LEDGER, 200.0, 0.0), (BRIDGE, bridge_per_s, ledger_ms)):
+            cpu = {"ingress": 1.0, TOTAL: 4.0, LEDGER: cost}
+            runs += [
+                Measured(subject, number, THROUGHPUT, _figures(per_s=per_s), cpu),
+                Measured(subject, number, RATE, _figures(), cpu),
+            ]
+    return runs
+
+
+def test_ledger_targets_compare_with_the_bridge_without_its_ledger() -> None:
+    rows = ("ingress", TOTAL, LEDGER)
+    cheap = summarize(_ledger_rounds(180.0, 0.4), (NO_LEDGER, BRIDGE), rows)
+    assert [t.passed for t in ledger_targets(cheap, LEDGER)] == [True, True]  # 10 % fewer
+    dear = summarize(_ledger_rounds(160.0, 0.6), (NO_LEDGER, BRIDGE), rows)
+    passed = ledger_targets(dear, LEDGER)
+    assert [t.passed for t in passed] == [False, False]  # 0.6 ms, 20 % fewer
+    assert "20.0 % fewer" in passed[1].measured
+    assert ledger_targets(summarize(_three_rounds(), (PEER, BRIDGE), ROWS), LEDGER) == []
