@@ -15,9 +15,9 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 
 from shared import topology
-from shared.errors import BrokerCertificateError, BrokerUnavailable
+from shared.errors import BrokerUnavailable
 from shared.settings import Settings
-from shared.tls import certificate_problem, client_context, needs_tls
+from shared.tls import NoNodeAnswered, client_context, first_answering, needs_tls
 
 HeaderValue = str | int | float | bool
 
@@ -110,39 +110,25 @@ class Nodes:
         Raises BrokerCertificateError when a node's certificate was refused and none answered,
         BrokerUnavailable when no node answered.
         """
-        count = len(self.urls)
-        failures: list[str] = []
-        refused: list[str] = []
-        last: Exception | None = None
-        for step in range(count):
-            index = (self._next + step) % count
-            url = self.urls[index]
-            try:
-                connection = await aio_pika.connect(
-                    url,
-                    ssl_context=self.context,
-                    timeout=self.settings.amqp_connect_timeout_s,
-                    client_properties={"connection_name": connection_name(role)},
-                )
-            except Exception as error:
-                # aiormq raises more than AMQP and socket errors (StopAsyncIteration on a reset
-                # mid-handshake): whatever it is, this node did not answer.
-                last = error
-                problem = certificate_problem(error)
-                if problem is not None:
-                    refused.append(f"broker {address(url)}: TLS certificate refused: {problem}")
-                failures.append(f"{address(url)}: {type(error).__name__}: {error}")
-                continue
-            self._next = (index + 1) % count
-            self.current = address(url)
-            return connection
-        if refused:
-            raise BrokerCertificateError(
-                "; ".join(refused)
-                + " (BRIDGE_AMQP_CA_FILE names the CA to trust; the host in BRIDGE_AMQP_URL must"
-                " be one the certificate names)"
-            ) from last
-        raise BrokerUnavailable("no broker node answered: " + "; ".join(failures)) from last
+
+        async def attempt(index: int) -> AbstractConnection:
+            return await aio_pika.connect(
+                self.urls[index],
+                ssl_context=self.context,
+                timeout=self.settings.amqp_connect_timeout_s,
+                client_properties={"connection_name": connection_name(role)},
+            )
+
+        addresses = [address(url) for url in self.urls]
+        try:
+            connection, index = await first_answering(
+                addresses, self._next, attempt, lambda e: f"{type(e).__name__}: {e}"
+            )
+        except NoNodeAnswered as error:
+            raise BrokerUnavailable(str(error)) from error.__cause__
+        self._next = (index + 1) % len(addresses)
+        self.current = addresses[index]
+        return connection
 
 
 async def connect(settings: Settings, role: str) -> AbstractConnection:

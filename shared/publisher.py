@@ -49,7 +49,7 @@ from pamqp.header import ContentHeader, ProtocolHeader
 from pamqp.heartbeat import Heartbeat
 
 from shared.errors import BrokerCertificateError, BrokerUnavailable
-from shared.tls import certificate_problem
+from shared.tls import NoNodeAnswered, first_answering
 
 __all__ = ["ConfirmedPublisher", "HeaderValue"]
 
@@ -1080,34 +1080,20 @@ class ConfirmedPublisher:
         Raises BrokerCertificateError if some node's certificate was refused and none answered,
         else the last node's error (all of them in its message when there are several).
         """
-        count = len(self._nodes)
-        failures: list[str] = []
-        refused: list[str] = []
-        last: Exception | None = None
-        for step in range(count):
-            index = (self._next_node + step) % count
-            params = self._nodes[index]
-            try:
-                await self._connect_node(params)
-            except Exception as exc:
-                last = exc
-                problem = certificate_problem(exc)
-                if problem is not None:
-                    refused.append(f"broker {params.address}: TLS certificate refused: {problem}")
-                failures.append(f"{params.address}: {_describe(exc)}")
-                continue
-            self._next_node = (index + 1) % count
-            return
-        if refused:
-            raise BrokerCertificateError(
-                "; ".join(refused)
-                + " (BRIDGE_AMQP_CA_FILE names the CA to trust; the host in BRIDGE_AMQP_URL must"
-                " be one the certificate names)"
-            ) from last
-        assert last is not None
-        if count == 1:
-            raise last
-        raise ConnectionError("no broker node answered: " + "; ".join(failures)) from last
+
+        async def attempt(index: int) -> None:
+            await self._connect_node(self._nodes[index])
+
+        addresses = [params.address for params in self._nodes]
+        try:
+            _, index = await first_answering(addresses, self._next_node, attempt, _describe)
+        except NoNodeAnswered as error:
+            last = error.__cause__
+            assert isinstance(last, Exception)
+            if len(addresses) == 1:
+                raise last from last.__cause__  # one node: its own error, its chain kept
+            raise ConnectionError(str(error)) from last
+        self._next_node = (index + 1) % len(addresses)
 
     async def _connect_node(self, params: _Params) -> None:
         loop = asyncio.get_running_loop()

@@ -8,10 +8,12 @@ fall back to plain AMQP.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
-from shared.errors import SettingsError
+from shared.errors import BrokerCertificateError, SettingsError
 
 __all__ = ["certificate_problem", "client_context", "needs_tls"]
 
@@ -60,3 +62,52 @@ def certificate_problem(error: BaseException) -> str | None:
             return str(current.verify_message or current.reason or current)
         current = current.__cause__ or current.__context__
     return None
+
+
+# What to check when no node's certificate could be verified.
+CERTIFICATE_HINT = (
+    " (BRIDGE_AMQP_CA_FILE names the CA to trust; the host in BRIDGE_AMQP_URL must"
+    " be one the certificate names)"
+)
+
+_T = TypeVar("_T")
+
+
+class NoNodeAnswered(Exception):
+    """No node answered; `failures` says why for each, the cause is the last one's error."""
+
+    def __init__(self, failures: Sequence[str]) -> None:
+        super().__init__("no broker node answered: " + "; ".join(failures))
+        self.failures = list(failures)
+
+
+async def first_answering(
+    addresses: Sequence[str],
+    start: int,
+    attempt: Callable[[int], Awaitable[_T]],
+    describe: Callable[[BaseException], str],
+) -> tuple[_T, int]:
+    """`attempt(index)` for node `start`, then the next ones in turn, until one answers.
+
+    Returns its result and the index of the node that answered. Raises
+    BrokerCertificateError when some node's certificate was refused and none answered, else
+    NoNodeAnswered (from the last node's error).
+    """
+    failures: list[str] = []
+    refused: list[str] = []
+    last: Exception | None = None
+    for step in range(len(addresses)):
+        index = (start + step) % len(addresses)
+        try:
+            return await attempt(index), index
+        except Exception as error:
+            # aiormq raises more than AMQP and socket errors (StopAsyncIteration on a reset
+            # mid-handshake): whatever it is, this node did not answer.
+            last = error
+            problem = certificate_problem(error)
+            if problem is not None:
+                refused.append(f"broker {addresses[index]}: TLS certificate refused: {problem}")
+            failures.append(f"{addresses[index]}: {describe(error)}")
+    if refused:
+        raise BrokerCertificateError("; ".join(refused) + CERTIFICATE_HINT) from last
+    raise NoNodeAnswered(failures) from last
