@@ -10,8 +10,8 @@ with BRIDGE_KEY_SECRETS, reserves a Jackpot voucher with it and asks Jackpot to 
 Vouchers start at `--rate` per second, at most `--in-flight` at a time, so the load spans
 whatever the caller breaks meanwhile. Then it waits (bounded) for every Doshii request to be
 final and prints one JSON summary line on stdout: vouchers, activated once, lost (still pending
-or not activated), activated twice, duplicate PUTs, and the first problems. Exit status 0 only
-when every voucher was activated exactly once with its amount and coupon.
+or not activated), activated twice, duplicate PUTs, the first problems, and every voucher id.
+Exit status 0 only when every voucher was activated exactly once with its amount and coupon.
 """
 
 from __future__ import annotations
@@ -235,6 +235,8 @@ def summarise(
         "final_s": round(time.monotonic() - tally.started_s, 1),
         "problems": problems[:PROBLEMS_SHOWN],
         "ok": not problems,
+        # So a caller can look the load's vouchers up elsewhere (the ledger, `bridge status`).
+        "voucher_ids": [v.voucher_id for v in tally.opened],
     }
 
 

@@ -7,23 +7,28 @@
 # (`docker-compose`). It runs its own project (COMPOSE_PROJECT_NAME, default vb-compose-test),
 # publishes only on loopback (OPS_BIND_ADDR and INGRESS_BIND_ADDR, default 127.0.0.2) and checks,
 # in order:
-#   1. the image builds; every service is healthy; the bridge runs as a non-root user;
+#   1. the image builds; every service is healthy (the ledger's and the till's roles too) and
+#      db-upgrade exited 0; the bridge runs as a non-root user;
 #   2. the sandbox's story: every voucher ended as expected (read from the sandbox's logs) and
 #      each activated voucher's PDF is in the pdfs volume;
-#   3. scaled to pdfs=3 doshii=2 reservations=2: the broker shows that many consumers per queue
-#      and a connection named for the role and host of every replica; Prometheus scrapes every
-#      replica;
+#  2b. the till: the sandbox's sale at start and COMPOSE_TEST_TILL_SALES (10) more, each
+#      reserved once by the intake, activated once, and activated in the ledger;
+#   3. scaled to ingress=2 pdfs=3 doshii=2 reservations=2: the broker shows that many consumers
+#      per queue and a connection named for the role and host of every replica; Prometheus
+#      scrapes every worker replica;
 #   4. a bounded load through the load balancer (COMPOSE_TEST_VOUCHERS, default 300): one
-#      replica of each worker role is killed, then the RabbitMQ container is restarted; every
-#      voucher ends activated exactly once (read from the Doshii sandbox), no dead letters;
+#      replica of the ingress and of each worker role (ledger included) is killed, then the
+#      RabbitMQ container is restarted; every voucher ends activated exactly once (read from
+#      the Doshii sandbox), no dead letters, and activated in the ledger once it caught up;
 #   5. `stop` of every bridge service under load: each exits 0 within its grace period; once
-#      started again, every voucher ends activated exactly once;
+#      started again, every voucher ends activated exactly once, and in the ledger;
 #  5b. the ingress scaled to 3 behind the load balancer (`lb`, :8080): a load through it is
 #      accepted by every replica, all three are scraped, every voucher activated once;
 #   6. `down -v` leaves no container, volume or network of the project;
 #   7. with compose.cluster.yaml (COMPOSE_TEST_CLUSTER=0 skips it): three RabbitMQ nodes form one
 #      cluster, every work queue has a member on each, a load goes through while a node is
 #      stopped and started again, every voucher activated once; then `down -v` again.
+# Every load's vouchers must also end activated in the ledger (`bridge vouchers --json`).
 # Prints a table (step, result, seconds) and exits 1 on any failure (2: cannot run here).
 # COMPOSE_TEST_SCREENSHOT=docs/rabbitmq-queues.png also saves the management UI's queues page
 # during step 3 (headless Chromium, scripts/rabbitmq_screenshot.py). COMPOSE_TEST_KEEP=1 leaves
@@ -44,9 +49,19 @@ IMAGE=voucher-bridge:latest
 NAMESPACE=bridge
 RABBIT_USER=guest
 RABBIT_PASS=guest
-ROLES=(reservations pdfs lifecycle doshii)
+LEDGER_TIMEOUT_S=120
+TILL_SALES="${COMPOSE_TEST_TILL_SALES:-10}"
+TILL_TIMEOUT_S=180
+# Every worker role: the four stages, the till's intake, and the ledger's writer and sweeper.
+ROLES=(reservations pdfs lifecycle doshii intake ledger sweeper)
+# The roles that consume a queue of their own (<ns>.<role>); the sweeper polls the ledger.
+QUEUED_ROLES=(reservations pdfs lifecycle doshii intake ledger)
 BRIDGE_SERVICES=(ingress "${ROLES[@]}")
-declare -A SCALE=([pdfs]=3 [doshii]=2 [reservations]=2 [lifecycle]=1)
+# Run once to completion: healthy means exited 0.
+ONE_SHOT=(db-upgrade)
+declare -A SCALE=([pdfs]=3 [doshii]=2 [reservations]=2 [lifecycle]=1 [intake]=1 [ledger]=1 [sweeper]=1)
+# From step 3 on; each replica spools into a folder of its own on the shared spool volume.
+INGRESS_SCALE=2
 
 export COMPOSE_PROJECT_NAME="$PROJECT" OPS_BIND_ADDR="$OPS"
 export INGRESS_BIND_ADDR="${INGRESS_BIND_ADDR:-127.0.0.2}"
@@ -128,14 +143,27 @@ ops_get() { curl -fsS --max-time 10 "$@"; }
 rabbit_api() { ops_get -u "$RABBIT_USER:$RABBIT_PASS" "http://$OPS:15672/api/$1"; }
 json() { python3 -c "import json, sys; data = json.load(sys.stdin); $1"; }
 
-unhealthy() { # every project container not healthy (or not running, when it has no healthcheck)
-    local id state
+unhealthy() { # every project container not healthy (or not running, when it has no
+    # healthcheck), and every one-shot container that has not exited 0
+    local id name service status code health
     for id in $(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"); do
-        state="$(docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id")"
-        case "$state" in
-        *" running healthy" | *" running none") ;;
-        *) echo "${state#/}" ;;
+        read -r name service status code health <<<"$(docker inspect -f '{{.Name}} {{index .Config.Labels "com.docker.compose.service"}} {{.State.Status}} {{.State.ExitCode}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$id")"
+        if [[ " ${ONE_SHOT[*]} " == *" $service "* ]]; then
+            [[ "$status $code" == "exited 0" ]] || echo "${name#/} $status (exit $code), not exited 0"
+            continue
+        fi
+        case "$status $health" in
+        "running healthy" | "running none") ;;
+        *) echo "${name#/} $status $health" ;;
         esac
+    done
+}
+one_shots_done() { # "db-upgrade exited 0" for every one-shot service, once wait_healthy passed
+    local service
+    for service in "${ONE_SHOT[@]}"; do
+        printf '%s exited %s; ' "$service" "$(docker inspect -f '{{.State.ExitCode}}' "$(
+            docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" \
+                --filter "label=com.docker.compose.service=$service" | head -n1)")"
     done
 }
 wait_healthy() {
@@ -175,13 +203,41 @@ if not (s["ok"] and s["activated_once"] == wanted and s["lost"] == 0 and s["acti
           f"twice {s['activated_twice']}: {'; '.join(s['problems'][:3])}")
 PY
 }
+# The ledger is written behind the activations (journal steps through <ns>.ledger), so it may
+# lag: poll until it has every voucher of the load activated, or say what it has instead.
+ledger_lags() { # summary file [voucher_id|request_id] -> "" once the ledger has every voucher
+    # (or Doshii request) the summary names activated
+    local deadline=$((SECONDS + LEDGER_TIMEOUT_S)) lag key="${2:-voucher_id}"
+    while true; do
+        docker exec "$(cid ledger)" bridge vouchers --json --limit 1000000 >"$1.ledger" 2>&1
+        lag="$(python3 - "$1" "$1.ledger" "$key" <<'PY'
+import collections, json, sys
+summary = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+key = sys.argv[3]
+states = {}
+for line in open(sys.argv[2]):
+    if line.startswith("{"):
+        row = json.loads(line)
+        states[row[key]] = row["state"]
+wanted = summary[key + "s"]
+off = collections.Counter(states.get(v, "absent") for v in wanted if states.get(v) != "activated")
+if off:
+    print(f"ledger: {len(wanted) - sum(off.values())}/{len(wanted)} activated, "
+          + ", ".join(f"{n} {state}" for state, n in off.most_common()))
+PY
+)"
+        [[ -n "$lag" ]] || return 0
+        ((SECONDS < deadline)) || { echo "$lag after ${LEDGER_TIMEOUT_S}s"; return; }
+        sleep 3
+    done
+}
 load_detail() {
     python3 - "$1" <<'PY' 2>/dev/null
 import json, sys
 s = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 print(f"{s['activated_once']}/{s['vouchers']} activated once, lost {s['lost']}, "
       f"twice {s['activated_twice']}, duplicate PUTs {s['duplicate_puts']}, "
-      f"all final in {s['final_s']} s")
+      f"all final in {s['final_s']} s, all {len(s['voucher_ids'])} activated in the ledger")
 PY
 }
 settled() { # "" when every work queue and delay tier is empty and the dead queue too
@@ -256,7 +312,7 @@ step_up() {
         record "1 healthy, non-root" FAIL $((SECONDS - started)) "$why"
         return 1
     fi
-    record "1 healthy, non-root" PASS $((SECONDS - started)) "${#SERVICES[@]} services healthy (${SERVICES[*]}), uid $user, image $IMAGE_MB MB"
+    record "1 healthy, non-root" PASS $((SECONDS - started)) "${#SERVICES[@]} services healthy (${SERVICES[*]}), $(one_shots_done)uid $user, image $IMAGE_MB MB"
 }
 
 # 2. The sandbox's story, read from its container's logs; PDFs in the pdfs volume.
@@ -293,9 +349,75 @@ PY
     record "2 sandbox story" PASS $((SECONDS - started)) "verdict OK, $oks vouchers as expected, $pdfs PDFs in the volume"
 }
 
+# 2b. The till: the sandbox's Doshii sells cards; its card_activate events go through lb to the
+# ingress, the intake reserves each at the Jackpot sandbox, the chain activates it.
+TILL_SCRIPT='
+import json, sys, time, urllib.request
+sales, wait_s = int(sys.argv[1]), float(sys.argv[2])
+jackpot, doshii = "http://127.0.0.1:8091/_sandbox", "http://127.0.0.1:8092/_sandbox"
+def call(method, url, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"content-type": "application/json"}, method=method)
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+def stock():
+    return sum(o["stock"] for o in call("GET", f"{jackpot}/catalogue")["offers"])
+before = stock()
+ids = [call("POST", f"{doshii}/till", {})["id"] for _ in range(sales)]
+deadline = time.monotonic() + wait_s
+while True:
+    records = {i: call("GET", f"{doshii}/requests/{i}") for i in ids}
+    pending = [i for i, r in records.items() if r["status"] not in ("activated", "cancelled")]
+    if not pending or time.monotonic() >= deadline:
+        break
+    time.sleep(1)
+problems = []
+for i, r in records.items():
+    times = sum(e.get("status") == "activated" for e in r["logs"])
+    status, reason = r["status"], r.get("cancelledReason") or ""
+    if status != "activated" or times != 1:
+        problems.append(f"request {i}: {status}, activated {times} times {reason}")
+references = {r.get("reference") for r in records.values()}
+print(json.dumps({"sales": sales, "activated_once": sales - len(problems),
+                  "reserved": before - stock(), "references": len(references - {None}),
+                  "problems": problems[:5], "request_ids": ids}))
+'
+step_till() {
+    local started=$SECONDS why="" detail
+    # The sale the sandbox makes at start (--till), logged once it ended.
+    local deadline=$((SECONDS + TILL_TIMEOUT_S))
+    until docker logs "$(cid sandbox)" 2>&1 | grep -q '"till sale"'; do
+        ((SECONDS < deadline)) || { why="no till sale logged at start in ${TILL_TIMEOUT_S}s;"; break; }
+        sleep 2
+    done
+    docker logs "$(cid sandbox)" 2>&1 | grep '"till sale"' | grep -q '"outcome": *"activated"' ||
+        why="$why the start's till sale: $(docker logs "$(cid sandbox)" 2>&1 | grep '"till sale"' | head -c 300);"
+    docker exec "$(cid sandbox)" python -c "$TILL_SCRIPT" "$TILL_SALES" "$TILL_TIMEOUT_S" \
+        >"$WORK/till.json" 2>"$WORK/till.log"
+    detail="$(python3 - "$WORK/till.json" "$TILL_SALES" <<'PY'
+import json, sys
+try:
+    s = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+except (IndexError, ValueError):
+    print("the till printed no summary"); sys.exit()
+n = int(sys.argv[2])
+if s["problems"] or s["activated_once"] != n or s["reserved"] != n or s["references"] != n:
+    print(f"{s['activated_once']}/{n} activated once, {s['reserved']} vouchers reserved, "
+          f"{s['references']} coupons: {'; '.join(s['problems'][:3])}")
+PY
+)"
+    why="$why$detail"
+    [[ -n "$why" ]] || why="$(ledger_lags "$WORK/till.json" request_id)"
+    if [[ -n "$why" ]]; then
+        record "2b till sales" FAIL $((SECONDS - started)) "$why"
+        return 1
+    fi
+    record "2b till sales" PASS $((SECONDS - started)) "the start's sale and $TILL_SALES more activated once, one voucher reserved each, all $TILL_SALES activated in the ledger"
+}
+
 # 3. Scaled: consumers and connection names on the broker, every replica scraped.
 step_scale() {
-    local started=$SECONDS why="" args=()
+    local started=$SECONDS why="" args=(--scale "ingress=$INGRESS_SCALE")
     for role in "${!SCALE[@]}"; do args+=(--scale "$role=${SCALE[$role]}"); done
     if ! dc up -d --no-recreate "${args[@]}" "${SERVICES[@]}" >"$WORK/scale.log" 2>&1; then
         record "3 scaled" FAIL $((SECONDS - started)) "scale failed: $(tail -2 "$WORK/scale.log" | tr '\n' ' ')"
@@ -308,20 +430,27 @@ step_scale() {
     why=""
     local connections
     connections="$(rabbit_api connections | json "print('\n'.join(c.get('client_properties', {}).get('connection_name', '') for c in data))")"
-    for role in "${ROLES[@]}"; do
-        local consumers replicas=0
+    for role in "${QUEUED_ROLES[@]}"; do
+        local consumers
         consumers="$(queue_field "$role" consumers)"
         [[ "$consumers" == "${SCALE[$role]}" ]] || why="$why $role: $consumers consumers, not ${SCALE[$role]};"
+    done
+    # Every replica that holds a broker connection names it (the sweeper holds none).
+    local role want_replicas
+    for role in ingress "${ROLES[@]}"; do
+        local replicas=0 prefix="voucher-bridge worker $role"
+        [[ "$role" != ingress ]] || prefix="voucher-bridge ingress"
+        want_replicas="${SCALE[$role]:-$INGRESS_SCALE}"
         for id in $(containers "$role"); do
             replicas=$((replicas + 1))
+            [[ "$role" != sweeper ]] || continue
             local host
             host="$(docker inspect -f '{{.Config.Hostname}}' "$id")"
-            grep -q "^voucher-bridge worker $role $host pid " <<<"$connections" ||
+            grep -q "^$prefix $host pid " <<<"$connections" ||
                 why="$why no connection named for $role replica $host;"
         done
-        [[ "$replicas" == "${SCALE[$role]}" ]] || why="$why $role: $replicas replicas;"
+        [[ "$replicas" == "$want_replicas" ]] || why="$why $role: $replicas replicas, not $want_replicas;"
     done
-    grep -q "^voucher-bridge ingress " <<<"$connections" || why="$why no ingress connection;"
     [[ -z "${COMPOSE_TEST_SCREENSHOT:-}" ]] || screenshot "$COMPOSE_TEST_SCREENSHOT" || why="$why screenshot failed;"
     # Prometheus finds replicas by DNS every 15 s and scrapes every 15 s.
     local deadline=$((SECONDS + SCRAPE_TIMEOUT_S)) scraped
@@ -344,13 +473,15 @@ print(' '.join(f'{r}={n}' for r, n in sorted(up.items())))")"
         record "3 scaled" FAIL $((SECONDS - started)) "$why"
         return 1
     fi
-    record "3 scaled" PASS $((SECONDS - started)) "consumers pdfs 3 doshii 2 reservations 2 lifecycle 1, one named connection per replica; Prometheus up: $scraped"
+    local counts=""
+    for role in "${QUEUED_ROLES[@]}"; do counts="$counts $role ${SCALE[$role]}"; done
+    record "3 scaled" PASS $((SECONDS - started)) "ingress x$INGRESS_SCALE; consumers$counts; one named connection per replica; Prometheus up: $scraped"
 }
 
 screenshot() { # file: the management UI's queues page, logged in, consumers shown
     local python=python3 expect=()
     [[ -x .venv/bin/python ]] && python=.venv/bin/python # aiohttp drives the browser
-    for role in "${ROLES[@]}"; do expect+=(--expect "$NAMESPACE.$role"); done
+    for role in "${QUEUED_ROLES[@]}"; do expect+=(--expect "$NAMESPACE.$role"); done
     "$python" scripts/rabbitmq_screenshot.py "http://$OPS:15672" "$1" \
         --user "$RABBIT_USER" --password "$RABBIT_PASS" "${expect[@]}" >&2
 }
@@ -360,12 +491,12 @@ step_chaos() {
     local started=$SECONDS why killed=()
     start_load "$WORK/load4.json"
     sleep 3
-    for role in "${ROLES[@]}"; do
+    for service in "${BRIDGE_SERVICES[@]}"; do
         local victim
-        victim="$(containers "$role" | tail -n1)"
+        victim="$(containers "$service" | tail -n1)"
         docker kill "$victim" >/dev/null && killed+=("$victim")
     done
-    say "killed one replica of each role: ${killed[*]}"
+    say "killed one replica of the ingress and of each worker role: ${killed[*]}"
     sleep 3
     say "restarting the RabbitMQ container"
     docker restart "$(cid rabbitmq)" >/dev/null
@@ -373,11 +504,12 @@ step_chaos() {
     for victim in "${killed[@]}"; do docker start "$victim" >/dev/null; done
     why="$(finish_load "$WORK/load4.json")"
     [[ -n "$why" ]] || why="$(wait_settled)"
+    [[ -n "$why" ]] || why="$(ledger_lags "$WORK/load4.json")"
     if [[ -n "$why" ]]; then
         record "4 kill + broker restart" FAIL $((SECONDS - started)) "$why"
         return 1
     fi
-    record "4 kill + broker restart" PASS $((SECONDS - started)) "$(load_detail "$WORK/load4.json"), $(spooled) spooled by the ingress meanwhile; queues empty, no dead letters"
+    record "4 kill + broker restart" PASS $((SECONDS - started)) "ingress x$INGRESS_SCALE; killed 1 replica of each of ${BRIDGE_SERVICES[*]}; $(load_detail "$WORK/load4.json"), $(spooled) spooled by the ingress meanwhile; queues empty, no dead letters"
 }
 
 # 5. `stop` every bridge service under load: exit 0 within the grace period; then nothing lost.
@@ -399,6 +531,7 @@ step_stop() {
     local lost
     lost="$(finish_load "$WORK/load5.json")"
     [[ -n "$lost" ]] || lost="$(wait_settled)"
+    [[ -n "$lost" ]] || lost="$(ledger_lags "$WORK/load5.json")"
     why="$why$lost"
     if [[ -n "$why" ]]; then
         record "5 stop under load" FAIL $((SECONDS - started)) "$why"
@@ -434,6 +567,7 @@ print(sum(t['labels'].get('job') == 'ingress' and t['health'] == 'up' for t in d
     start_load "$WORK/load5b.json"
     local lost
     lost="$(finish_load "$WORK/load5b.json")"
+    [[ -n "$lost" ]] || lost="$(ledger_lags "$WORK/load5b.json")"
     why="$why$lost"
     local shares=() index=0
     for id in "${ids[@]}"; do
@@ -487,7 +621,7 @@ step_cluster() {
     running="$(rabbit_api nodes | json "print(sum(n['running'] for n in data))")"
     [[ "$running" == 3 ]] || why="$why $running nodes running;"
     members() { rabbit_api "queues/%2F/$NAMESPACE.$1" | json "print(len(data.get('members', [])))"; }
-    for role in "${ROLES[@]}"; do
+    for role in "${QUEUED_ROLES[@]}"; do
         [[ "$(members "$role")" == 3 ]] || why="$why $role has $(members "$role") members;"
     done
     # The bridge's connections are on the first node (BRIDGE_AMQP_URL): lose another one.
@@ -496,6 +630,7 @@ step_cluster() {
     dc stop "${nodes[2]}" >/dev/null 2>&1
     local lost
     lost="$(finish_load "$WORK/load7.json")"
+    [[ -n "$lost" ]] || lost="$(ledger_lags "$WORK/load7.json")"
     why="$why$lost"
     dc start "${nodes[2]}" >/dev/null 2>&1
     wait_healthy >/dev/null || why="$why ${nodes[2]} did not come back;"
@@ -510,7 +645,7 @@ step_cluster() {
 
 say "project $PROJECT, ${COMPOSE[*]}, ops on $OPS"
 STACK_OK=""
-if step_up && step_story && step_scale; then
+if step_up && step_story && step_till && step_scale; then
     STACK_OK=1
     step_chaos
     step_stop

@@ -65,6 +65,15 @@ RANKS: dict[State, int] = {
 FINISHED = frozenset({State.ACTIVATED, State.CANCELLED, State.REJECTED, State.EXPIRED})
 # Where an operator must act.
 NEEDS_OPERATOR = frozenset({State.DEAD, State.REFUND_NEEDED})
+# The states a notification brings. One can come after the voucher moved on: Jackpot repeats a
+# notification until it gets a 200, and it notifies RESERVED while the intake hands the same
+# reservation on from Jackpot's answer. A step to one of these never moves a voucher back.
+NOTIFIED = frozenset({State.RESERVED, State.READY})
+
+
+def moves_on(current: State | None, new: State) -> bool:
+    """Whether a later step to `new` replaces `current` (queries.sql's upsert_vouchers agrees)."""
+    return current is None or new not in NOTIFIED or RANKS[new] >= RANKS[current]
 
 
 class Outcome(StrEnum):
@@ -213,8 +222,10 @@ def changes(steps: Sequence[Step]) -> list[VoucherChange]:
         facts: dict[str, Any] = {}
         for s in own:
             facts.update({k: v for k, v in s.facts.items() if v is not None})
-        stateful = [s for s in own if s.state is not None]
-        latest = stateful[-1] if stateful else None
+        latest: Step | None = None
+        for s in own:
+            if s.state is not None and moves_on(latest.state if latest else None, s.state):
+                latest = s
         result.append(
             VoucherChange(
                 voucher_id=voucher_id,

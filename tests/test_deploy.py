@@ -29,6 +29,7 @@ import yaml
 
 import shared.metrics  # noqa: F401  (registers every metric the code exports)
 from bridge.cli import parser
+from ingress.doshii import DOSHII_WEBHOOK_PATH
 from sandbox.server import _origin as sandbox_origin
 from shared.settings import ENV_PREFIX, PdfOrigin, Settings, load_settings
 from workers.main import HANDLER_FACTORIES
@@ -444,6 +445,15 @@ def test_the_bridge_defaults_point_at_the_sandbox(
     assert args.jackpot_api_key == settings.jackpot_api_key.get_secret_value()
     assert args.doshii_client_id == settings.doshii_client_id
     assert args.doshii_client_secret == settings.doshii_client_secret.get_secret_value()
+
+    # The till: its events go to the ingress through lb with the credentials the ingress takes,
+    # and the intake's Jackpot session credentials are the sandbox's.
+    assert args.till == f"http://lb:{_default('http_port')}{DOSHII_WEBHOOK_PATH}"
+    assert settings.jackpot_api_signature is not None
+    assert args.jackpot_api_signature == settings.jackpot_api_signature.get_secret_value()
+    assert args.jackpot_client_id == settings.jackpot_client_id
+    (till_auth,) = _resolve([sandbox["environment"]["BRIDGE_DOSHII_WEBHOOK_AUTH"]], {})
+    assert till_auth in [pair.get_secret_value() for pair in settings.doshii_webhook_auth]
 
 
 def test_the_ingress_keeps_its_spool_and_scales_behind_the_load_balancer(

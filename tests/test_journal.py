@@ -60,6 +60,28 @@ def test_same_millisecond_orders_by_how_far_along() -> None:
     assert changes(steps)[0].state == State.ACTIVATED
 
 
+def test_a_late_notification_never_moves_a_voucher_back() -> None:
+    # Jackpot's RESERVED (or a repeated READY) can reach the ingress after the voucher was
+    # activated from the intake's own RESERVED: it is recorded, but the state stays.
+    steps = [
+        journal.step(VOUCHER, "r", "intake", "reserved at Jackpot", at_ms=1, state=State.RESERVED),
+        journal.step(VOUCHER, "a", "doshii", "activated", at_ms=5, state=State.ACTIVATED),
+        journal.step(VOUCHER, "r2", "ingress", "received", at_ms=7, state=State.RESERVED),
+        journal.step(VOUCHER, "y2", "ingress", "received", at_ms=8, state=State.READY),
+    ]
+    (change,) = changes(steps)
+    assert change.state == State.ACTIVATED
+    assert change.state_at == datetime.fromtimestamp(0.005, UTC)
+    assert change.last_change == datetime.fromtimestamp(0.008, UTC)
+    # Any other later step still moves it, back too: a replay from the dead queue.
+    dead = journal.step(VOUCHER, "d", "doshii", "dead-lettered", at_ms=9, state=State.DEAD)
+    replayed = journal.step(VOUCHER, "p", "dlq", "replayed", at_ms=10, state=State.REPLAYED)
+    assert changes([*steps, dead])[0].state == State.DEAD
+    assert changes([*steps, dead, replayed])[0].state == State.REPLAYED
+    again = journal.step(VOUCHER, "r3", "ingress", "received", at_ms=11, state=State.RESERVED)
+    assert changes([*steps, dead, replayed, again])[0].state == State.RESERVED
+
+
 def test_encode_decode_round_trip_and_refusals() -> None:
     steps = [journal.step(VOUCHER, "m", "pdfs", "PDF stored", detail="x" * 2000)]
     (back,) = journal.decode(journal.encode(steps))

@@ -136,6 +136,24 @@ async def test_the_same_steps_written_twice_are_one(settings: Settings, ledger: 
     (row,) = await ledger.find(voucher_id)
     assert row["state"] == State.PDF_STORED
     assert row["first_seen"] == earlier.at
+    # Nor does a notification that comes later than a step further along (Jackpot repeating
+    # RESERVED or READY), written in a batch of its own: it only joins the journey.
+    for state in (State.RESERVED, State.READY):
+        late = journal.step(
+            voucher_id, f"{voucher_id}:{state}:late", "ingress", "received", state=state
+        )
+        await ledger.record([late])
+        (row,) = await ledger.find(voucher_id)
+        assert row["state"] == State.PDF_STORED
+        assert row["last_change"] == late.at
+    assert len(await ledger.journey(row["voucher_id"])) == 5
+    # A later step that is not a notification still moves it on.
+    activated = journal.step(
+        voucher_id, f"{voucher_id}:doshii", "doshii", "activated", state=State.ACTIVATED
+    )
+    await ledger.record([activated])
+    (row,) = await ledger.find(voucher_id)
+    assert row["state"] == State.ACTIVATED
 
 
 async def test_postgres_away_for_20_s_loses_no_activation_and_no_step(

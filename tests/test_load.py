@@ -61,6 +61,12 @@ async def test_every_voucher_is_activated_once_and_counted(
         requests = pipeline.sandboxes.doshii.requests
         activated = [r for r in requests.values() if r["status"] == "activated"]
         assert len(activated) == VOUCHERS
+        # Every voucher is named once, as Jackpot knows it (its coupon is the card's reference).
+        assert len(set(summary["voucher_ids"])) == VOUCHERS
+        vouchers = pipeline.sandboxes.jackpot.vouchers
+        assert {vouchers[v]["couponId"] for v in summary["voucher_ids"]} == {
+            r["reference"] for r in activated
+        }
 
 
 @pytest.mark.timeout(60)

@@ -21,7 +21,9 @@ WHERE r.request_id = u.request_id AND r.voucher_id IS NULL
 
 -- name: upsert_vouchers
 -- One row per voucher of a batch: facts fill in (a known value is never erased), and the
--- state moves only to a step that is later (or as late and further along).
+-- state moves only to a step that is later (or as late and further along). A late RESERVED
+-- or READY notification (repeated by Jackpot, or racing the intake's own RESERVED) never
+-- moves a voucher back (journal.NOTIFIED).
 INSERT INTO vouchers AS v (
     voucher_id, coupon_id, location_id, request_id, amount_cents, jackpot_value,
     jackpot_price, jackpot_state, state, state_at, state_rank, validity_date,
@@ -59,10 +61,16 @@ ON CONFLICT (voucher_id) DO UPDATE SET
     first_seen = least(excluded.first_seen, v.first_seen),
     last_change = greatest(excluded.last_change, v.last_change),
     state = CASE WHEN (excluded.state_at, excluded.state_rank) >= (v.state_at, v.state_rank)
+                      AND NOT (excluded.state = ANY('{reserved,ready}')
+                               AND excluded.state_rank < v.state_rank)
                  THEN excluded.state ELSE v.state END,
     state_rank = CASE WHEN (excluded.state_at, excluded.state_rank) >= (v.state_at, v.state_rank)
+                      AND NOT (excluded.state = ANY('{reserved,ready}')
+                               AND excluded.state_rank < v.state_rank)
                  THEN excluded.state_rank ELSE v.state_rank END,
     state_at = CASE WHEN (excluded.state_at, excluded.state_rank) >= (v.state_at, v.state_rank)
+                      AND NOT (excluded.state = ANY('{reserved,ready}')
+                               AND excluded.state_rank < v.state_rank)
                  THEN excluded.state_at ELSE v.state_at END;
 
 -- name: find_vouchers
