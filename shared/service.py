@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -24,11 +25,24 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        loop.set_exception_handler(quiet_connection_errors)
         return await main(stop)
 
     factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(wrapper()) or 0
+
+
+def quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A connection attempt's own future left unread (a TLS handshake that failed, say): the
+    caller reported the failure already, so one line says it, not a second traceback."""
+    error = context.get("exception")
+    if isinstance(error, OSError) and "never retrieved" in str(context.get("message", "")):
+        logging.getLogger("asyncio").warning(
+            "connection attempt failed: %s: %s", type(error).__name__, error
+        )
+        return
+    loop.default_exception_handler(context)
 
 
 # The AppRunner class an application wants to be served by (the ingress has its own).
