@@ -6,10 +6,10 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from aio_pika.abc import AbstractChannel
@@ -23,7 +23,7 @@ from shared.topology import Names
 from tests.chaos.ledger import check, reckon, record
 from tests.support.journeys import wait_state
 from tests.support.pipeline import Pipeline, Voucher, running_pipeline, settings_env
-from tests.support.tcpproxy import TcpProxy
+from tests.support.tcpproxy import POSTGRES_PORT, proxy_to
 from workers import dlq
 
 pytestmark = pytest.mark.timeout(180)
@@ -233,15 +233,13 @@ async def test_intake_killed_after_jackpot_answered_reserves_once_and_activates(
     ledger: Ledger,
     settings: Settings,
 ) -> None:
-    target = urlsplit(settings.database_url.get_secret_value())
+    database_url = settings.database_url.get_secret_value()
     async with (
-        TcpProxy(target.hostname or "127.0.0.1", target.port or 5432) as proxy,
+        proxy_to(database_url, POSTGRES_PORT) as proxy,
         till(make_settings, ledger, intake=False) as pipeline,
     ):
         jackpot, doshii = pipeline.sandboxes.jackpot, pipeline.sandboxes.doshii
-        proxied = pipeline.settings.database_url.get_secret_value().replace(
-            f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}"
-        )
+        proxied = proxy.url_through(database_url)
         env = {
             **os.environ,
             **settings_env(pipeline.settings),
@@ -269,11 +267,13 @@ async def test_intake_killed_after_jackpot_answered_reserves_once_and_activates(
                 first.kill()
         jackpot.reserve_with = reserve_with  # type: ignore[method-assign]
         proxy.resume()
+        resumed = time.monotonic()
         second = await intake_process(env)
         try:
             assert (await final(pipeline, request_id, timeout_s=60))["status"] == "activated"
             await wait_state(ledger, request_id, State.ACTIVATED)
             await pipeline.settled(channel)
+            drained_s = time.monotonic() - resumed
         finally:
             second.send_signal(signal.SIGTERM)
             await asyncio.wait_for(second.wait(), 20)
@@ -284,7 +284,7 @@ async def test_intake_killed_after_jackpot_answered_reserves_once_and_activates(
             [as_voucher(pipeline, request_id)],
             pipeline.sandboxes,
             letters,
-            None,
+            drained_s,
         )
     record(
         scenario, extra_notes=["one reservation at Jackpot; the RESERVED notification linked it"]

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from aio_pika.abc import AbstractChannel
@@ -23,7 +22,7 @@ from shared.topology import Names
 from tests.chaos.ledger import check, reckon, record
 from tests.support.journeys import HAPPY, outcomes, wait_state
 from tests.support.pipeline import Pipeline, Voucher, running_pipeline, settings_env
-from tests.support.tcpproxy import TcpProxy
+from tests.support.tcpproxy import POSTGRES_PORT, proxy_to
 from workers import dlq
 from workers.deps import open_deps
 from workers.sweeper import Sweeper
@@ -163,12 +162,9 @@ async def test_postgres_away_for_20_s_loses_no_activation_and_no_step(
     ledger: Ledger,
     settings: Settings,
 ) -> None:
-    target = urlsplit(settings.database_url.get_secret_value())
-    async with TcpProxy(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
-        proxied = settings.database_url.get_secret_value().replace(
-            f"{target.hostname}:{target.port}", f"127.0.0.1:{proxy.port}"
-        )
-        cut_settings = make_settings(database_url=proxied)
+    database_url = settings.database_url.get_secret_value()
+    async with proxy_to(database_url, POSTGRES_PORT) as proxy:
+        cut_settings = make_settings(database_url=proxy.url_through(database_url))
         async with (
             Ledger.open(cut_settings) as through_proxy,
             running_pipeline(make_settings, ledger=through_proxy) as pipeline,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 from typing import cast
+from urllib.parse import urlsplit, urlunsplit
 
 # Above this much unsent data towards one side, stop reading from the other: memory stays bounded.
 _HIGH_WATER = 256 * 1024
@@ -218,6 +219,13 @@ class TcpProxy:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
+    def url_through(self, url: str) -> str:
+        """`url` (its user, password and path kept) reaching its server through this proxy."""
+        parts = urlsplit(url)
+        credentials, _, _ = parts.netloc.rpartition("@")
+        netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
     def amqp_url(self, user: str = "guest", password: str = "guest") -> str:
         """The AMQP URL of the target broker, reached through this proxy (default vhost)."""
         return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
@@ -278,3 +286,13 @@ class TcpProxy:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+# PostgreSQL's port when a URL names none.
+POSTGRES_PORT = 5432
+
+
+def proxy_to(url: str, default_port: int) -> TcpProxy:
+    """A proxy in front of the server `url` names."""
+    parts = urlsplit(url)
+    return TcpProxy(parts.hostname or "127.0.0.1", parts.port or default_port)
