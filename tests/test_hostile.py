@@ -68,10 +68,12 @@ BODIES: dict[str, list[bytes]] = {
 
 @pytest.fixture
 async def client(
+    broker: Names,
     aiohttp_client: Callable[[RunnerTestServer], Awaitable[Client]],
     make_settings: Callable[..., Settings],
-    broker: Names,
 ) -> Client:
+    # `broker` first: set up before the app and torn down after it, so the app's own
+    # declaration at start cannot bring a queue back once the namespace is deleted.
     return await aiohttp_client(RunnerTestServer(create_app(make_settings(spool_max_bytes=0))))
 
 
@@ -275,10 +277,11 @@ WEBHOOK_BODIES: dict[str, list[bytes]] = {
 
 @pytest.fixture
 async def webhook_client(
+    broker: Names,
     aiohttp_client: Callable[[RunnerTestServer], Awaitable[Client]],
     make_settings: Callable[..., Settings],
-    broker: Names,
 ) -> Client:
+    # `broker` first, as for `client`.
     settings = make_settings(spool_max_bytes=0, doshii_webhook_auth=sales.WEBHOOK_AUTH)
     return await aiohttp_client(RunnerTestServer(create_app(settings)))
 
