@@ -63,8 +63,6 @@ RANKS: dict[State, int] = {
 }
 # Where nothing more happens by itself.
 FINISHED = frozenset({State.ACTIVATED, State.CANCELLED, State.REJECTED, State.EXPIRED})
-# Where an operator must act.
-NEEDS_OPERATOR = frozenset({State.DEAD, State.REFUND_NEEDED})
 # The states a notification brings. One can come after the voucher moved on: Jackpot repeats a
 # notification until it gets a 200, and it notifies RESERVED while the intake hands the same
 # reservation on from Jackpot's answer. A step to one of these never moves a voucher back.
@@ -118,30 +116,13 @@ class Step(BaseModel):
     at_ms: int = Field(ge=0)
     detail: str | None = Field(None, max_length=DETAIL_MAX_CHARS)
     state: State | None = None
-    # Columns of the voucher row this step knows (see FACTS); never secrets or signed links.
+    # Columns of the voucher row this step knows (those Ledger.record reads); never secrets or
+    # signed links.
     facts: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def at(self) -> datetime:
         return datetime.fromtimestamp(self.at_ms / 1000, UTC)
-
-
-# The voucher row's columns a step may fill in, and the type each travels as.
-FACTS = (
-    "coupon_id",
-    "location_id",
-    "request_id",
-    "amount_cents",
-    "jackpot_value",
-    "jackpot_price",
-    "jackpot_state",
-    "validity_date",
-    "resa_expire_date",
-    "pdf_path",
-    "pdf_bytes",
-    "doshii_status",
-    "notification",
-)
 
 
 def now_ms() -> int:
