@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from sandbox.catalogue import DEFAULT_OFFER_ID, DEFAULT_STORE_ID
@@ -127,15 +128,15 @@ async def sell(sandboxes: Sandboxes, settings: Settings) -> list[TillRow]:
     return rows
 
 
-def reserved_for(sandboxes: Sandboxes, keys: KeyRing, request_id: str) -> int:
-    """How many vouchers Jackpot reserved for a request: those whose key names it."""
-    count = 0
-    for voucher_id in sandboxes.jackpot.vouchers:
+def reserved_for(sandboxes: Sandboxes, keys: KeyRing, request_id: str) -> list[dict[str, Any]]:
+    """The vouchers Jackpot reserved for a request: those whose key names it."""
+    found = []
+    for voucher_id, voucher in sandboxes.jackpot.vouchers.items():
         key = parse_qs(urlsplit(sandboxes.jackpot.notification_url(voucher_id)).query)
         with contextlib.suppress(KeyError, ValueError, InvalidKey):
             if keys.verify(key["notificationKey"][0]).request_id == request_id:
-                count += 1
-    return count
+                found.append(voucher)
+    return found
 
 
 async def _row(
@@ -153,7 +154,7 @@ async def _row(
     else:
         outcome = str(record.get("cancelledReason"))
         wanted = outcome == case.expected
-    vouchers = reserved_for(sandboxes, keys, request_id)
+    vouchers = len(reserved_for(sandboxes, keys, request_id))
     steps = await _journey(ledger, request_id, str(status))
     problem = None
     if not wanted:

@@ -16,7 +16,9 @@ from aio_pika.abc import AbstractChannel
 
 from sandbox.doshii import Webhook
 from sandbox.faults import Fault
+from sandbox.till_demo import reserved_for
 from shared.journal import State
+from shared.keys import KeyRing
 from shared.ledger import Ledger
 from shared.settings import Settings
 from shared.topology import Names
@@ -62,22 +64,7 @@ async def final(pipeline: Pipeline, request_id: str, timeout_s: float = 30) -> d
 
 def vouchers_for(pipeline: Pipeline, request_id: str) -> list[dict[str, Any]]:
     """The vouchers Jackpot reserved for a till's request (their key names it)."""
-    keys = pipeline.sandboxes.jackpot
-    found = []
-    for vid, voucher in keys.vouchers.items():
-        _, key = keys._targets.get(vid, ("", ""))
-        if request_id in key_request_ids(pipeline, key):
-            found.append(voucher)
-    return found
-
-
-def key_request_ids(pipeline: Pipeline, key: str) -> set[str]:
-    from shared.keys import KeyRing
-
-    try:
-        return {KeyRing(pipeline.settings.key_secrets).verify(key).request_id}
-    except Exception:
-        return set()
+    return reserved_for(pipeline.sandboxes, KeyRing(pipeline.settings.key_secrets), request_id)
 
 
 def as_voucher(pipeline: Pipeline, request_id: str) -> Voucher:
