@@ -102,7 +102,7 @@ from sandbox.doshii import DoshiiSandbox, Status
 from sandbox.jackpot import JackpotSandbox, State
 from sandbox.server import Sandboxes
 from shared.keys import KeyRing
-from shared.ledger import Ledger, create_pool
+from shared.ledger import Ledger, create_pool, schema_for
 from shared.models import KeyClaims, value_to_cents
 from shared.settings import ENV_PREFIX, Settings, load_settings
 from workers import dlq
@@ -537,11 +537,6 @@ class Subject:
 POSTGRES_COMM = "postgres"
 
 
-def _schema(namespace: str) -> str:
-    """The run's own ledger schema, named for its namespace."""
-    return namespace.replace("-", "_").lower()
-
-
 def _bridge_args(role: str) -> list[str]:
     return [role] if role == INGRESS else ["worker", role]
 
@@ -573,7 +568,7 @@ class BridgeSubject(Subject):
             super().__init__(
                 BRIDGE,
                 workdir,
-                {**values, "database_schema": _schema(values["namespace"])},
+                {**values, "database_schema": schema_for(values["namespace"])},
                 lambda role: bridge_argv(*_bridge_args(role)),
                 roles=(*WORKER_ROLES, "ledger"),
             )

@@ -35,7 +35,7 @@ from bench.servers import Probe, Server
 from ingress.doshii import DOSHII_WEBHOOK_PATH
 from sandbox.doshii import CARD_ACTIVATE, Status, Webhook
 from sandbox.server import Sandboxes
-from shared.ledger import Ledger, create_pool
+from shared.ledger import Ledger, create_pool, schema_for
 from shared.settings import ENV_PREFIX, Settings, load_settings
 from workers import dlq
 
@@ -162,7 +162,7 @@ def values(namespace: str, sandboxes: Sandboxes) -> dict[str, str]:
         "http_host": LOOPBACK,
         "log_level": "info",
         "log_json": "true",
-        "database_schema": namespace.replace("-", "_"),
+        "database_schema": schema_for(namespace),
         "doshii_webhook_auth": f"{WEBHOOK_KEY}:{secrets.token_urlsafe(24)}",
     }
 

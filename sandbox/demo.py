@@ -50,7 +50,7 @@ from sandbox.story import CASES, Row, Ticket, Timing, expected, play_story
 from shared import topology
 from shared.broker import connect
 from shared.errors import BridgeError, SettingsError
-from shared.ledger import Ledger, create_pool
+from shared.ledger import Ledger, create_pool, schema_for
 from shared.settings import ENV_PREFIX, Settings, load_settings
 from workers import dlq
 
@@ -196,7 +196,7 @@ def bridge_values(plan: Plan, sandboxes: Sandboxes) -> dict[str, str]:
         "log_json": "true",
         "log_level": "info",
         # The run's ledger: a schema of its own in BRIDGE_DATABASE_URL's database.
-        "database_schema": plan.namespace.replace("-", "_").lower(),
+        "database_schema": schema_for(plan.namespace),
         # The till's webhook: the ingress takes Doshii's card_activate with these credentials.
         "doshii_webhook_auth": DEMO_WEBHOOK_AUTH,
     }

@@ -13,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from shared import topology
-from shared.ledger import Ledger, create_pool
+from shared.ledger import Ledger, create_pool, schema_for
 from shared.settings import Settings
 from tests.support.cluster import Cluster, ClusterUnavailable, running_cluster
 
@@ -29,11 +29,6 @@ TEST_TIERS_S = [1, 2]
 @pytest.fixture
 def namespace() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
-
-
-def schema_of(namespace: str) -> str:
-    """The ledger schema of a test's namespace."""
-    return namespace.replace("-", "_").lower()
 
 
 @pytest.fixture
@@ -61,7 +56,7 @@ def make_settings(namespace: str, tmp_path: Path) -> Callable[..., Settings]:
             "worker_http_port": 0,
             "log_json": True,
             "database_url": DATABASE_URL,
-            "database_schema": schema_of(namespace),
+            "database_schema": schema_for(namespace),
         }
         values.update(overrides)
         return Settings(**values)

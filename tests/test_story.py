@@ -46,10 +46,11 @@ from sandbox.story import (
     tell_story,
     wait_for_ingress,
 )
+from shared.ledger import schema_for
 from shared.models import value_to_cents
 from shared.settings import ENV_PREFIX, Settings
 from shared.topology import Names
-from tests.conftest import AMQP_URL, DATABASE_URL, TEST_SECRETS, TEST_TIERS_S, schema_of
+from tests.conftest import AMQP_URL, DATABASE_URL, TEST_SECRETS, TEST_TIERS_S
 from tests.test_deploy import REQUIRED_FOR_TESTS, _image_env, _resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def bridge_env(namespace: str, tmp_path: Path, ports: Ports) -> dict[str, str]:
         "log_json": "true",
         "log_level": "info",
         "database_url": DATABASE_URL,
-        "database_schema": schema_of(namespace),
+        "database_schema": schema_for(namespace),
     }
     inherited = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
     return {**inherited, **as_env(values)}

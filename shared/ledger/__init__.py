@@ -62,6 +62,11 @@ def migrations() -> list[Migration]:
 LATEST_VERSION = migrations()[-1].version
 
 
+def schema_for(namespace: str) -> str:
+    """A ledger schema named for a namespace (tests, demos and benchmarks keep one each)."""
+    return namespace.replace("-", "_").lower()
+
+
 def where(settings: Settings) -> str:
     """The database a setting names, for messages: host, port, database; never the password."""
     parts = urlsplit(settings.database_url.get_secret_value())
