@@ -51,7 +51,8 @@ def advice(row: Row, stuck_after_s: float, now: datetime) -> str | None:
         "queue and the delay tiers",
         State.CONFIRMED: "Jackpot has not sent READY: the sweeper asks Jackpot for the link",
         State.READY: "the pdfs stage has not stored the PDF: look at its queue and retries",
-        State.PDF_STORED: "Doshii has not been updated: look at the doshii queue and retries",
+        State.PDF_STORED: "Doshii has not activated the card: look for retries in the pdfs queue "
+        "and the delay tiers",
     }.get(state, "nothing has moved it: look at the stage queues and `bridge dlq list`")
     return f"no change for {int(idle_s // 60)} min: {waiting}"
 

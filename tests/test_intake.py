@@ -101,7 +101,7 @@ async def test_a_sale_at_the_till_ends_as_an_activated_card(
     assert {("intake", "received"), ("ingress", "received"), ("reservations", "confirmed")} <= set(
         journey
     )
-    assert journey[-1] == ("doshii", "activated")
+    assert journey[-1] == ("pdfs", "activated")
     assert claim["state"] == "reserved"
     assert claim["voucher_id"] == row["voucher_id"]
     assert claim["card_ref_last4"] == "5678"

@@ -98,6 +98,8 @@ async def test_doshii_503_three_times_then_fine(
         assert await pipeline.doshii_status(voucher, "activated", "cancelled") == "activated"
         assert pipeline.sandboxes.faults.calls["doshii.put"] == 4
         assert len(activated_puts(pipeline, voucher)) == 1
+        # Each retry found the PDF stored: only the activation was pushed again.
+        assert pipeline.sandboxes.jackpot.pdf_downloads[voucher.voucher_id] == 1
         await pipeline.settled(channel)
     assert await dlq.list_dead(pipeline.settings) == []
 
@@ -130,7 +132,7 @@ async def test_doshii_400_is_dead_lettered_then_replayed_once_fixed(
         await pipeline.settled(channel)
         letters = await dlq.list_dead(pipeline.settings)
         assert len(letters) == 1
-        assert letters[0].stage == "doshii"
+        assert letters[0].stage == "pdfs"
         assert "HTTP 400" in letters[0].reason
         assert f"Doshii request {voucher.request_id} is pending" in letters[0].reason
         assert pipeline.sandboxes.doshii.requests[voucher.request_id]["status"] == "pending"

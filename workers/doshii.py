@@ -1,7 +1,12 @@
-"""doshii (`doshii.update`): make Doshii's activation request say what the update says."""
+"""doshii (`doshii.update`): make Doshii's activation request say what the update says.
+
+Cancellations come this way; an activation is pushed by the pdfs worker itself, with `push`,
+once the PDF is stored.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,31 +50,36 @@ def why_not(record: dict[str, Any], update: DoshiiUpdate) -> str:
     return f"Doshii request {update.request_id} is {status}, cannot become {update.status}"
 
 
+async def push(deps: Deps, update: DoshiiUpdate, headers: Mapping[str, Any]) -> Outcome:
+    """PUT the update at Doshii; a refusal that Doshii's own record explains is success."""
+    try:
+        await deps.doshii.put(update.location_id, update.request_id, update.body())
+        detail = str(update.status)
+    except PartnerRefused as refused:
+        if refused.status not in EXPLAINABLE_STATUSES:
+            raise
+        record = await deps.doshii.get(update.location_id, update.request_id)
+        if not already_done(record, update):
+            raise PermanentError(f"{why_not(record, update)} ({refused})") from refused
+        detail = f"already {update.status}"
+    received = envelope.received_at(headers)
+    if received is not None:
+        latency_s = (datetime.now(UTC) - received).total_seconds()
+        metrics.NOTIFICATION_TO_DOSHII_SECONDS.observe(latency_s)
+    activated = update.status == DoshiiStatus.ACTIVATED
+    if update.cancelled_reason:
+        detail = f"{detail}: {update.cancelled_reason}"
+    return Outcome(
+        detail=detail,
+        step=Step.ACTIVATED if activated else Step.CANCELLED,
+        state=State.ACTIVATED if activated else State.CANCELLED,
+        facts={"doshii_status": str(update.status)},
+    )
+
+
 def make_handler(deps: Deps) -> Handler:
     async def handle(message: Incoming) -> Outcome:
         update = decode(DoshiiUpdate, message.body, "a Doshii update")
-        try:
-            await deps.doshii.put(update.location_id, update.request_id, update.body())
-            detail = str(update.status)
-        except PartnerRefused as refused:
-            if refused.status not in EXPLAINABLE_STATUSES:
-                raise
-            record = await deps.doshii.get(update.location_id, update.request_id)
-            if not already_done(record, update):
-                raise PermanentError(f"{why_not(record, update)} ({refused})") from refused
-            detail = f"already {update.status}"
-        received = envelope.received_at(message.headers)
-        if received is not None:
-            latency_s = (datetime.now(UTC) - received).total_seconds()
-            metrics.NOTIFICATION_TO_DOSHII_SECONDS.observe(latency_s)
-        activated = update.status == DoshiiStatus.ACTIVATED
-        if update.cancelled_reason:
-            detail = f"{detail}: {update.cancelled_reason}"
-        return Outcome(
-            detail=detail,
-            step=Step.ACTIVATED if activated else Step.CANCELLED,
-            state=State.ACTIVATED if activated else State.CANCELLED,
-            facts={"doshii_status": str(update.status)},
-        )
+        return await push(deps, update, message.headers)
 
     return handle

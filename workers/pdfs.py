@@ -1,5 +1,9 @@
 """pdfs (`voucher.ready`): download the voucher PDF, renewing its link when expired, store it,
-then ask the doshii worker to activate the card."""
+then activate the card at Doshii.
+
+The activation is pushed from here rather than through the doshii queue: one hop less for
+every voucher. A retried message finds its PDF stored and only pushes again.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import asyncio
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -22,7 +27,8 @@ from shared.models import DoshiiStatus, DoshiiUpdate, Voucher, value_to_cents
 from shared.partners import call
 from shared.settings import PdfOrigin
 from workers.deps import Deps
-from workers.messages import doshii_update, voucher_of
+from workers.doshii import push
+from workers.messages import voucher_of
 from workers.runner import Handler, Incoming, Outcome
 
 log = structlog.get_logger("pdfs")
@@ -187,6 +193,20 @@ def make_handler(deps: Deps) -> Handler:
             path = await asyncio.to_thread(store, settings.pdf_dir, voucher_id, data)
             size = len(data)
             detail = f"PDF stored: {path} ({size} bytes)"
+        pdf_facts = {"pdf_path": str(path), "pdf_bytes": size}
+        message.steps.append(
+            journal.step(
+                voucher.id,
+                message.message_id or f"{voucher_id}:READY",
+                str(message.stage),
+                journal.Outcome.PDF_STORED,
+                attempt=message.attempt,
+                at_ms=message.started_ms or None,  # before the stage's own step, the activation
+                detail=detail,
+                state=State.PDF_STORED,
+                facts=pdf_facts,
+            )
+        )
         update = DoshiiUpdate(
             location_id=claims.location_id,
             request_id=claims.request_id,
@@ -197,12 +217,11 @@ def make_handler(deps: Deps) -> Handler:
             expiry_date=voucher.validityDate,
             reference=voucher.couponId,
         )
-        return Outcome(
-            emit=[doshii_update(deps.names, message, update)],
-            detail=detail,
-            step=journal.Outcome.PDF_STORED,
-            state=State.PDF_STORED,
-            facts={"pdf_path": str(path), "pdf_bytes": size},
+        activated = await push(deps, update, message.headers)
+        return replace(
+            activated,
+            detail=f"{detail}; Doshii {activated.detail}",
+            facts={**pdf_facts, **activated.facts},
         )
 
     return handle

@@ -15,7 +15,7 @@ HAPPY = [
     ("reservations", "confirmed"),
     ("ingress", "received"),
     ("pdfs", "PDF stored"),
-    ("doshii", "activated"),
+    ("pdfs", "activated"),
 ]
 
 
