@@ -22,9 +22,12 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import aio_pika
+import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -55,6 +58,7 @@ RECONNECT_MAX_DELAY_S = 5.0
 # Drain mode calls the queues empty after this many consecutive empty looks, this far apart.
 DRAIN_CHECKS = 3
 DRAIN_CHECK_INTERVAL_S = 0.1
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,12 @@ class Result:
     emit: Sequence[Outgoing] = ()
     retry_after_s: float | None = None
     outcome: Outcome | None = None
+
+
+def _tag_of(message: DeliveredMessage) -> int:
+    tag = message.delivery_tag
+    assert tag is not None, "a consumed delivery always has its tag"
+    return tag
 
 
 def _now_iso() -> str:
@@ -171,17 +181,16 @@ async def journal_for(
 ) -> Journal:
     """A journal on a channel of its own, with confirms: steps are recorded before acks."""
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    exchange = await channel.get_exchange(names.journal, ensure=False)
+    amqp = await channel.get_underlay_channel()
 
     async def send(body: bytes) -> None:
-        await exchange.publish(
-            aio_pika.Message(
-                body,
-                content_type=journal.JOURNAL_CONTENT_TYPE,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key="",
-            mandatory=True,
+        # Confirmed, and mandatory: an unroutable journal message raises, acking nothing.
+        # Properties of its own: aiormq gives each message without an id a fresh one.
+        properties = spec.Basic.Properties(
+            content_type=journal.JOURNAL_CONTENT_TYPE, delivery_mode=PERSISTENT
+        )
+        await amqp.basic_publish(
+            body, exchange=names.journal, routing_key="", properties=properties, mandatory=True
         )
 
     return Journal(send, linger_s)
@@ -197,6 +206,9 @@ class StageRunner:
     names: Names
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     channel: AbstractChannel | None = None
+    # The same channel as aiormq sees it: deliveries, acks and publishes go through it
+    # directly, one task per delivery and no aio-pika message objects on the way.
+    amqp: aiormq.abc.AbstractChannel | None = None
     journal: Journal | None = None
 
     @property
@@ -211,24 +223,24 @@ class StageRunner:
         """Open a channel with confirms, set the prefetch, and start consuming."""
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.settings.prefetch)
-        queue = await channel.get_queue(self.queue, ensure=False)
         self.channel = channel
+        self.amqp = await channel.get_underlay_channel()
         self.journal = journal
         self.semaphore = asyncio.Semaphore(self.settings.concurrency)
-        self.consumer_tag = await queue.consume(self._on_message, consumer_tag=self._tag())
+        self.consumer_tag = self._tag()
+        await self.amqp.basic_consume(self.queue, self._on_message, consumer_tag=self.consumer_tag)
 
     def _tag(self) -> str:
         return consumer_tag(self.name, self)
 
     async def detach(self) -> None:
         """Stop taking new messages (in-flight ones keep going)."""
-        channel = self.channel
-        if channel is not None and not channel.is_closed:
+        amqp = self.amqp
+        if amqp is not None and not amqp.is_closed:
             with contextlib.suppress(AMQPError, ChannelInvalidStateError, RuntimeError):
-                queue = await channel.get_queue(self.queue, ensure=False)
-                await queue.cancel(self.consumer_tag)
+                await amqp.basic_cancel(self.consumer_tag)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.in_flight.add(task)
@@ -237,13 +249,14 @@ class StageRunner:
         finally:
             self.in_flight.discard(task)
 
-    async def process(self, message: AbstractIncomingMessage) -> None:
-        headers = dict(message.headers or {})
+    async def process(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        headers = dict(properties.headers or {})
         incoming = Incoming(
             body=message.body,
             headers=headers,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
+            message_id=properties.message_id,
+            correlation_id=properties.correlation_id,
             stage=self.stage,
             attempt=envelope.attempt_of(headers),
             redelivered=bool(message.redelivered),
@@ -251,8 +264,8 @@ class StageRunner:
         )
         context = {
             "stage": str(self.stage),
-            "message_id": message.message_id,
-            "voucher_id": message.correlation_id,
+            "message_id": incoming.message_id,
+            "voucher_id": incoming.correlation_id,
             "doshii_request_id": headers.get(envelope.REQUEST),
             "attempt": incoming.attempt,
         }
@@ -280,7 +293,7 @@ class StageRunner:
             # that can never settle to the dead queue.
             log.warning("settle_failed", error=f"{type(error).__name__}: {error}", **context)
             with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+                await message.channel.basic_nack(_tag_of(message), requeue=True)
         finally:
             metrics.STAGE_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
 
@@ -329,9 +342,7 @@ class StageRunner:
         incoming.steps.clear()  # a retried call learns its steps again
         return await self.handler(incoming)
 
-    async def _settle(
-        self, message: AbstractIncomingMessage, incoming: Incoming, result: Result
-    ) -> str:
+    async def _settle(self, message: DeliveredMessage, incoming: Incoming, result: Result) -> str:
         """Publish what the result calls for, confirmed, then ack; returns the final outcome."""
         kind = result.kind
         detail = result.detail or ""
@@ -352,7 +363,7 @@ class StageRunner:
                 await self.publish(outgoing)
         if self.journal is not None:
             await self.journal.record(self._steps(incoming, kind, detail, result.outcome))
-        await message.ack()
+        await message.channel.basic_ack(_tag_of(message))
         return kind
 
     def _steps(
@@ -394,9 +405,7 @@ class StageRunner:
         )
         return [*incoming.steps, stage_step]
 
-    def _failure_headers(
-        self, message: AbstractIncomingMessage, incoming: Incoming, reason: str
-    ) -> dict[str, Any]:
+    def _failure_headers(self, incoming: Incoming, reason: str) -> dict[str, Any]:
         now = _now_iso()
         headers = dict(incoming.headers)
         headers.setdefault(envelope.FIRST_FAILURE, now)
@@ -407,56 +416,59 @@ class StageRunner:
         return headers
 
     async def _delay(
-        self, message: AbstractIncomingMessage, incoming: Incoming, delay_s: int, reason: str
+        self, message: DeliveredMessage, incoming: Incoming, delay_s: int, reason: str
     ) -> None:
-        headers = self._failure_headers(message, incoming, reason)
+        headers = self._failure_headers(incoming, reason)
         headers[envelope.ATTEMPT] = incoming.attempt + 1
         headers[topology.TIER_HEADER] = f"{delay_s}s"
         await self._republish(message, self.names.delay, self.queue, headers)
         log.info("delayed", delay_s=delay_s, reason=reason)
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, incoming: Incoming, reason: str
+        self, message: DeliveredMessage, incoming: Incoming, reason: str
     ) -> None:
-        headers = self._failure_headers(message, incoming, reason)
+        headers = self._failure_headers(incoming, reason)
         headers[envelope.ATTEMPT] = incoming.attempt + 1
         await self._republish(message, self.names.dead, self.queue, headers)
         log.warning("dead_lettered", reason=reason)
 
     async def _republish(
         self,
-        message: AbstractIncomingMessage,
+        message: DeliveredMessage,
         exchange: str,
         routing_key: str,
         headers: dict[str, Any],
     ) -> None:
+        properties = message.header.properties
         await self.publish(
             Outgoing(
                 exchange=exchange,
                 routing_key=routing_key,
                 body=message.body,
-                message_id=message.message_id or "",
-                correlation_id=message.correlation_id,
+                message_id=properties.message_id or "",
+                correlation_id=properties.correlation_id,
                 headers=headers,
             ),
-            content_type=message.content_type,
+            content_type=properties.content_type,
         )
 
     async def publish(self, outgoing: Outgoing, content_type: str | None = None) -> None:
         """Publish persistent and mandatory; returns only once the broker confirmed."""
-        assert self.channel is not None
-        exchange = await self.channel.get_exchange(outgoing.exchange, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                outgoing.body,
+        assert self.amqp is not None
+        # A nack raises DeliveryError and a return (unroutable) PublishError: both settle
+        # nothing, so the delivery is handed back.
+        await self.amqp.basic_publish(
+            outgoing.body,
+            exchange=outgoing.exchange,
+            routing_key=outgoing.routing_key,
+            properties=spec.Basic.Properties(
                 headers=dict(outgoing.headers),
                 message_id=outgoing.message_id,
                 correlation_id=outgoing.correlation_id,
                 content_type=content_type or "application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                delivery_mode=PERSISTENT,
                 timestamp=outgoing.timestamp,
             ),
-            routing_key=outgoing.routing_key,
             mandatory=True,
         )
 
