@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 from pydantic import ValidationError
 
 from shared import reserve
@@ -300,7 +301,11 @@ class Doshii:
         ) as r:
             if r.status != 200:
                 raise await _refuse("Doshii", "get", r)
-            data = await r.json(content_type=None)
+            text = await r.read()
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError as error:
+            raise PermanentError(f"Doshii get: the answer is not JSON: {error}") from error
         if not isinstance(data, dict):
             raise PermanentError("Doshii get: the answer is not an object")
         return data
@@ -308,8 +313,9 @@ class Doshii:
     async def put(self, location_id: str, request_id: str, body: Mapping[str, object]) -> None:
         headers = self._headers(location_id)
         url = self._url(request_id)
+        data = orjson.dumps(body)  # the content type is in the headers
         async with call(
-            self.session, "Doshii", "update", "PUT", url, json=body, headers=headers
+            self.session, "Doshii", "update", "PUT", url, data=data, headers=headers
         ) as r:
             if r.status not in (200, 201, 204):
                 raise await _refuse("Doshii", "update", r)
