@@ -573,11 +573,13 @@ class BridgeSubject(Subject):
                 roles=(*WORKER_ROLES, "ledger"),
             )
         else:
+            namespace = f"{values['namespace']}-base"
             super().__init__(
                 BASELINE,
                 workdir,
-                {**values, "namespace": f"{values['namespace']}-base"},
+                {**values, "namespace": namespace, "database_schema": schema_for(namespace)},
                 lambda role: [sys.executable, "-m", "bridge", *_bridge_args(role)],
+                roles=(*WORKER_ROLES, "ledger"),
                 cwd=checkout,
                 extra_env={"PYTHONPATH": str(checkout)},
             )
@@ -596,7 +598,7 @@ class BridgeSubject(Subject):
 
     async def prepare(self) -> None:
         """`bridge db upgrade` for the run's own ledger schema, when this subject keeps one."""
-        if self.settings.ledger and self.name == BRIDGE:
+        if self.settings.ledger and self.name in (BRIDGE, BASELINE):
             pool = await create_pool(self.settings, max_size=1)
             try:
                 await Ledger(pool).upgrade(self.settings.database_schema)
@@ -608,7 +610,7 @@ class BridgeSubject(Subject):
         await self._admin.delete_namespace(
             self.settings.namespace, tiers_s=self.settings.retry_tiers_s
         )
-        if self.settings.ledger and self.name == BRIDGE:
+        if self.settings.ledger and self.name in (BRIDGE, BASELINE):
             pool = await create_pool(self.settings, max_size=1)
             try:
                 await pool.execute(
