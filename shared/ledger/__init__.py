@@ -7,7 +7,6 @@ ordered file per version. Writes are idempotent in the SQL itself: a journey ste
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from shared.errors import SettingsError
 from shared.intake import IntakeRequest
@@ -73,9 +73,14 @@ def where(settings: Settings) -> str:
     return f"{parts.hostname}:{parts.port or 5432}{parts.path} (schema {settings.database_schema})"
 
 
+def _jsonb(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 async def _init(connection: asyncpg.Connection) -> None:
+    # orjson: every voucher's notification is written as jsonb on the ledger's hot path.
     await connection.set_type_codec(
-        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        "jsonb", encoder=_jsonb, decoder=orjson.loads, schema="pg_catalog"
     )
 
 
