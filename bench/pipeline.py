@@ -174,8 +174,9 @@ OTHERS = "rest of the machine (not ours)"
 WORKERS = tuple(f"worker {role}" for role in WORKER_ROLES)
 PROCESS_ORDER = (INGRESS, *WORKERS, LEDGER_WORKER, SANDBOXES, DRIVER, BROKER, POSTGRES)
 CPU_ROWS = (*PROCESS_ORDER, SUBJECT_TOTAL, LEDGER_TOTAL, ALL_TOTAL, IDLE, OTHERS)
-# What py-spy records when asked: every busy subject process (lifecycle idles here) and the driver.
-PROFILED = (INGRESS, "worker reservations", "worker pdfs", "worker doshii")
+# What py-spy records when asked: every busy subject process and the driver. The bridge's
+# lifecycle and doshii workers idle here (its pdfs worker activates); the peer's doshii does not.
+PROFILED = (INGRESS, "worker reservations", "worker pdfs", "worker doshii", LEDGER_WORKER)
 DRIVER_THREADS = {"MainThread": DRIVER, THREAD_NAME: SANDBOXES}
 _AFTER_RESERVED = tuple(state.value for state in State if state is not State.RESERVED)
 
