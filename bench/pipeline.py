@@ -1034,8 +1034,9 @@ def render_markdown(
         f"- load: {load_line(config)}",
         f"- {settings_line(settings)}",
         "- processes: bridge: `bridge ingress` and `bridge worker reservations|pdfs|lifecycle|"
-        f"doshii`; peer: `python {PEER_SCRIPT} ingress|reservations|pdfs|lifecycle|doshii`; each "
-        "its own process, all started once; the load driver (Jackpot and the POS) is one more "
+        "doshii|ledger` (no-ledger: no ledger worker, `BRIDGE_LEDGER=false`); its pdfs worker "
+        "activates the card itself; peer: "
+        f"`python {PEER_SCRIPT} ingress|reservations|pdfs|lifecycle|doshii`; each its own process, all started once; the load driver (Jackpot and the POS) is one more "
         "process, hosting both sandboxes in a thread of their own; RabbitMQ's `beam.smp`.",
         *(
             [
