@@ -1036,7 +1036,8 @@ def render_markdown(
         "- processes: bridge: `bridge ingress` and `bridge worker reservations|pdfs|lifecycle|"
         "doshii|ledger` (no-ledger: no ledger worker, `BRIDGE_LEDGER=false`); its pdfs worker "
         "activates the card itself; peer: "
-        f"`python {PEER_SCRIPT} ingress|reservations|pdfs|lifecycle|doshii`; each its own process, all started once; the load driver (Jackpot and the POS) is one more "
+        f"`python {PEER_SCRIPT} ingress|reservations|pdfs|lifecycle|doshii`; each its own "
+        "process, all started once; the load driver (Jackpot and the POS) is one more "
         "process, hosting both sandboxes in a thread of their own; RabbitMQ's `beam.smp`.",
         *(
             [
