@@ -147,7 +147,7 @@ def test_cards_sold_at_the_till_end_as_each_case_should(demo: DemoRun) -> None:
         assert "  ok  " in line, line
         if case.expected == "activated":
             assert " activated " in line
-            assert "doshii: activated" in line
+            assert "pdfs: activated" in line
         else:
             assert case.expected in line
             assert "intake: refused" in line
