@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import DeliveredMessage
 from pamqp.common import FieldTable
 
 from shared import envelope
@@ -21,7 +22,14 @@ from shared.topology import Names, Stage
 from tests.conftest import AMQP_URL
 from tests.support.tcpproxy import TcpProxy
 from workers import dlq
-from workers.runner import QUICK_RETRY_AFTER_MAX_S, Incoming, Outcome, Runner, choose_tier
+from workers.runner import (
+    QUICK_RETRY_AFTER_MAX_S,
+    Acks,
+    Incoming,
+    Outcome,
+    Runner,
+    choose_tier,
+)
 
 
 async def publish(
@@ -342,3 +350,69 @@ async def test_a_follow_up_the_broker_refuses_is_retried_then_dead_lettered_neve
         assert calls == limit + 1
     finally:
         await topology.delete(channel, namespace, tiers_s=settings.retry_tiers_s)
+
+
+async def _deliveries(
+    names: Names, channel: AbstractChannel, count: int
+) -> tuple[AbstractConnection, Acks, list[DeliveredMessage]]:
+    """`count` messages published to the reservations queue, then taken unacked on a channel
+    of a connection of their own, with that channel's Acks."""
+    for i in range(count):
+        await publish(channel, names, Route.RESERVED, f"m{i + 1}".encode(), f"id{i + 1}")
+    connection = await aio_pika.connect(AMQP_URL)
+    amqp = await (await connection.channel()).get_underlay_channel()
+    acks = Acks(amqp)
+    taken: list[DeliveredMessage] = []
+    arrived = asyncio.Event()
+
+    async def take(message: DeliveredMessage) -> None:
+        assert message.delivery_tag is not None
+        acks.delivered(message.delivery_tag)
+        taken.append(message)
+        if len(taken) == count:
+            arrived.set()
+
+    await amqp.basic_consume(names.queue(Stage.RESERVATIONS), take)
+    await asyncio.wait_for(arrived.wait(), 10)
+    return connection, acks, taken
+
+
+async def _left_in_queue(names: Names, channel: AbstractChannel) -> list[bytes]:
+    queue = await channel.get_queue(names.queue(Stage.RESERVATIONS), ensure=False)
+    bodies = []
+    while (message := await queue.get(fail=False)) is not None:
+        bodies.append(message.body)
+        await message.ack()
+    return sorted(bodies)
+
+
+@pytest.mark.parametrize("fourth", ["pending", "handed back"])
+async def test_acks_of_one_turn_cover_only_the_deliveries_that_are_ready(
+    fourth: str, broker: Names, channel: AbstractChannel
+) -> None:
+    connection, acks, taken = await _deliveries(broker, channel, 6)
+    tags = [m.delivery_tag for m in taken]
+    assert tags == [1, 2, 3, 4, 5, 6]
+    if fourth == "handed back":
+        await acks.nack(4)
+    # 1, 2, 3 and 5 ready in the same turn; 6 (and 4 when pending) never acked.
+    await asyncio.gather(acks.ack(2), acks.ack(1), acks.ack(5), acks.ack(3))
+    await connection.close()  # what was not acked goes back to the queue
+    assert await _left_in_queue(broker, channel) == [b"m4", b"m6"]
+
+
+async def test_acks_of_successive_turns_reach_the_broker_in_the_order_decided(
+    broker: Names, channel: AbstractChannel
+) -> None:
+    connection, acks, _ = await _deliveries(broker, channel, 6)
+    first = [asyncio.ensure_future(acks.ack(1)), asyncio.ensure_future(acks.ack(3))]
+    await asyncio.sleep(0)  # 1 and 3 ready: their turn's acks (1, then 3 alone) are decided
+    # The next turn's `multiple` ack up to 4 covers 3: written before the ack of 3, it would
+    # make 3 an unknown tag and the broker would close the channel.
+    second = [asyncio.ensure_future(acks.ack(2)), asyncio.ensure_future(acks.ack(4))]
+    await asyncio.gather(*first, *second)
+    await acks.nack(5)
+    # A round trip: had the broker refused a tag, it would have closed the channel by now.
+    await acks.channel.basic_qos(prefetch_count=10)
+    await connection.close()
+    assert await _left_in_queue(broker, channel) == [b"m5", b"m6"]

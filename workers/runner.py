@@ -196,6 +196,78 @@ async def journal_for(
     return Journal(send, linger_s)
 
 
+class Acks:
+    """The acks of one channel, sent once per event-loop turn.
+
+    A journal batch confirmed resumes many deliveries in one turn; rather than a frame (and a
+    socket write) for each, the longest run of the channel's oldest unsettled deliveries that
+    are all ready goes as one `multiple` ack, and the other ready ones one by one.
+    """
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        self._unsettled: set[int] = set()  # delivered here, neither acked nor handed back
+        self._ready: dict[int, asyncio.Future[None]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+        # Acks and nacks are written in the order they were decided: a `multiple` ack written
+        # before an earlier single ack or nack would cover its tag, then unknown to the broker.
+        self._in_order = asyncio.Lock()
+
+    def delivered(self, tag: int) -> None:
+        self._unsettled.add(tag)
+
+    async def ack(self, tag: int) -> None:
+        """Returns once the ack covering `tag` is written; raises if it could not be."""
+        loop = asyncio.get_running_loop()
+        if not self._ready:
+            loop.call_soon(self._flush)
+        future: asyncio.Future[None] = loop.create_future()
+        self._ready[tag] = future
+        await future
+
+    async def nack(self, tag: int) -> None:
+        """Hand the delivery back to the broker for redelivery.
+
+        In turn with the acks: a `multiple` ack computed after this (it may reach past `tag`)
+        is written after it."""
+        self._unsettled.discard(tag)
+        async with self._in_order:
+            await self.channel.basic_nack(tag, requeue=True)
+
+    def _flush(self) -> None:
+        ready, self._ready = self._ready, {}
+        run: list[int] = []
+        for tag in sorted(self._unsettled):
+            if tag not in ready:
+                break
+            run.append(tag)
+        self._unsettled.difference_update(ready)
+        alone = sorted(ready.keys() - run)
+        task = asyncio.ensure_future(self._send(run, alone, ready))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(
+        self, run: list[int], alone: list[int], ready: dict[int, asyncio.Future[None]]
+    ) -> None:
+        try:
+            async with self._in_order:
+                if run:
+                    await self.channel.basic_ack(run[-1], multiple=len(run) > 1)
+                for tag in alone:
+                    await self.channel.basic_ack(tag)
+        except BaseException as error:
+            for future in ready.values():
+                if not future.done():
+                    future.set_exception(error)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            return
+        for future in ready.values():
+            if not future.done():
+                future.set_result(None)
+
+
 @dataclass
 class StageRunner:
     """Consumes one stage's queue with one handler."""
@@ -228,7 +300,12 @@ class StageRunner:
         self.journal = journal
         self.semaphore = asyncio.Semaphore(self.settings.concurrency)
         self.consumer_tag = self._tag()
-        await self.amqp.basic_consume(self.queue, self._on_message, consumer_tag=self.consumer_tag)
+        acks = Acks(self.amqp)
+
+        async def on_message(message: DeliveredMessage) -> None:
+            await self._on_message(message, acks)
+
+        await self.amqp.basic_consume(self.queue, on_message, consumer_tag=self.consumer_tag)
 
     def _tag(self) -> str:
         return consumer_tag(self.name, self)
@@ -240,16 +317,17 @@ class StageRunner:
             with contextlib.suppress(AMQPError, ChannelInvalidStateError, RuntimeError):
                 await amqp.basic_cancel(self.consumer_tag)
 
-    async def _on_message(self, message: DeliveredMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage, acks: Acks) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.in_flight.add(task)
+        acks.delivered(_tag_of(message))
         try:
-            await self.process(message)
+            await self.process(message, acks)
         finally:
             self.in_flight.discard(task)
 
-    async def process(self, message: DeliveredMessage) -> None:
+    async def process(self, message: DeliveredMessage, acks: Acks) -> None:
         properties = message.header.properties
         headers = dict(properties.headers or {})
         incoming = Incoming(
@@ -278,6 +356,7 @@ class StageRunner:
             with structlog.contextvars.bound_contextvars(**context):
                 result = await self._handle(incoming)
                 kind = await self._settle(message, incoming, result)
+                await acks.ack(_tag_of(message))
                 metrics.STAGE_MESSAGES.labels(self.stage, kind).inc()
                 log.log(
                     logging.WARNING if kind in ("dead", "rejected") else logging.INFO,
@@ -293,7 +372,7 @@ class StageRunner:
             # that can never settle to the dead queue.
             log.warning("settle_failed", error=f"{type(error).__name__}: {error}", **context)
             with contextlib.suppress(Exception):
-                await message.channel.basic_nack(_tag_of(message), requeue=True)
+                await acks.nack(_tag_of(message))
         finally:
             metrics.STAGE_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
 
@@ -343,7 +422,8 @@ class StageRunner:
         return await self.handler(incoming)
 
     async def _settle(self, message: DeliveredMessage, incoming: Incoming, result: Result) -> str:
-        """Publish what the result calls for, confirmed, then ack; returns the final outcome."""
+        """Publish what the result calls for, confirmed, and journal it: then the delivery may
+        be acked. Returns the final outcome."""
         kind = result.kind
         detail = result.detail or ""
         if kind == "retried":
@@ -363,7 +443,6 @@ class StageRunner:
                 await self.publish(outgoing)
         if self.journal is not None:
             await self.journal.record(self._steps(incoming, kind, detail, result.outcome))
-        await message.channel.basic_ack(_tag_of(message))
         return kind
 
     def _steps(
