@@ -2,10 +2,11 @@
 
 A worker is `async def handle(message: Incoming) -> Outcome`. The runner acks a message only
 after the handler's effect is done and every message the outcome emits is confirmed by the
-broker; the acks of one loop turn go out together (`Acks`). Transient errors get a few quick in-process retries (tenacity), then the message is
-republished to a delay tier (TTL queue) with its attempt count and acked: nothing holds a
-message while waiting out a delay. Permanent errors, unexpected exceptions and messages past
-their last tier go to `<ns>.dead` with the reason, stage, attempts and failure times.
+broker; the acks of one loop turn go out together (`Acks`). Transient errors get a few quick
+in-process retries (tenacity), then the message is republished to a delay tier (TTL queue) with
+its attempt count and acked: nothing holds a message while waiting out a delay. Permanent
+errors, unexpected exceptions and messages past their last tier go to `<ns>.dead` with the
+reason, stage, attempts and failure times.
 """
 
 from __future__ import annotations
