@@ -94,9 +94,14 @@ async def test_a_sale_at_the_till_ends_as_an_activated_card(
         journey = [
             (s["stage"], s["outcome"]) for s in await ledger.journey(row["voucher_id"], request_id)
         ]
+        by_request = [
+            (s["stage"], s["outcome"]) for s in await ledger.fetch("request_journey", request_id)
+        ]
         (claim,) = await ledger.fetch("find_request", request_id)
         sale = doshii.sales[request_id]
     assert journey[:2] == [("ingress", "sale received"), ("intake", "reserved at Jackpot")]
+    # Every step names the request too: `bridge status <request id>` shows the whole way.
+    assert by_request == journey
     # The intake's hand-off and Jackpot's own RESERVED notification, in either order.
     assert {("intake", "received"), ("ingress", "received"), ("reservations", "confirmed")} <= set(
         journey

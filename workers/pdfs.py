@@ -200,6 +200,7 @@ def make_handler(deps: Deps) -> Handler:
                 message.message_id or f"{voucher_id}:READY",
                 str(message.stage),
                 journal.Outcome.PDF_STORED,
+                request_id=claims.request_id,
                 attempt=message.attempt,
                 at_ms=message.started_ms or None,  # before the stage's own step, the activation
                 detail=detail,
