@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -134,19 +133,15 @@ def stored(folder: Path, voucher_id: str) -> bool:
         return False
 
 
-def learnt_step(
-    message: Incoming, voucher: Voucher, outcome: journal.Outcome, detail: str, **kw: Any
-) -> journal.Step:
-    """A step the stage learnt on its way, recorded with its own step, just before it."""
+def renewed_step(message: Incoming, voucher: Voucher, why: str) -> journal.Step:
     return journal.step(
         voucher.id,
         message.message_id or f"{voucher.id}:READY",
-        str(message.stage),
-        outcome,
+        "pdfs",
+        journal.Outcome.LINK_RENEWED,
         attempt=message.attempt,
-        at_ms=message.started_ms or None,
-        detail=detail,
-        **kw,
+        at_ms=message.started_ms or None,  # with the stage's own step, just before it
+        detail=why,
     )
 
 
@@ -160,7 +155,7 @@ async def fetch_pdf(deps: Deps, message: Incoming, voucher: Voucher) -> bytes:
         url = await deps.jackpot.signed_url(voucher_id)
         renewed = True
         why = "no link in the notification" if voucher.signedUrl is None else "link too old"
-        message.steps.append(learnt_step(message, voucher, journal.Outcome.LINK_RENEWED, why))
+        message.steps.append(renewed_step(message, voucher, why))
     try:
         return await download(deps.downloads, url, deps)
     except LinkRefused:
@@ -168,9 +163,7 @@ async def fetch_pdf(deps: Deps, message: Incoming, voucher: Voucher) -> bytes:
             raise TransientError("PDF storage refused a freshly signed link") from None
     log.info("link_renewed", reason="refused")
     url = await deps.jackpot.signed_url(voucher_id)
-    message.steps.append(
-        learnt_step(message, voucher, journal.Outcome.LINK_RENEWED, "PDF storage refused the link")
-    )
+    message.steps.append(renewed_step(message, voucher, "PDF storage refused the link"))
     try:
         return await download(deps.downloads, url, deps)
     except LinkRefused as error:
@@ -202,11 +195,15 @@ def make_handler(deps: Deps) -> Handler:
             detail = f"PDF stored: {path} ({size} bytes)"
         pdf_facts = {"pdf_path": str(path), "pdf_bytes": size}
         message.steps.append(
-            learnt_step(
-                message,
-                voucher,
+            journal.step(
+                voucher.id,
+                message.message_id or f"{voucher_id}:READY",
+                str(message.stage),
                 journal.Outcome.PDF_STORED,
-                detail,
+                request_id=claims.request_id,
+                attempt=message.attempt,
+                at_ms=message.started_ms or None,  # before the stage's own step, the activation
+                detail=detail,
                 state=State.PDF_STORED,
                 facts=pdf_facts,
             )
