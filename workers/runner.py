@@ -278,7 +278,6 @@ class StageRunner:
     settings: Settings
     names: Names
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
-    # aio-pika's channel, which owns the aiormq channel below and closes it with the connection.
     channel: AbstractChannel | None = None
     # The same channel as aiormq sees it: deliveries, acks and publishes go through it
     # directly, one task per delivery and no aio-pika message objects on the way.
@@ -457,17 +456,9 @@ class StageRunner:
                 voucher_id = UUID(incoming.correlation_id or "")
         request = incoming.headers.get(envelope.REQUEST)
         request_id = str(request) if request is not None else None
-        # The handler's steps name the delivery's request when they do not name one themselves:
-        # a request's journey (`bridge status <request id>`) then holds them all.
-        learnt = [
-            s
-            if s.request_id or request_id is None
-            else s.model_copy(update={"request_id": request_id})
-            for s in incoming.steps
-        ]
         if voucher_id is None and request_id is None:
             # Neither a voucher's nor a sale's (it is in the dead queue if it failed).
-            return learnt
+            return list(incoming.steps)
         message_id = incoming.message_id or f"{voucher_id or request_id}:{self.stage}"
         own: dict[str, Any]
         if kind == "retried":
@@ -492,7 +483,7 @@ class StageRunner:
             detail=detail or None,
             **own,
         )
-        return [*learnt, stage_step]
+        return [*incoming.steps, stage_step]
 
     def _failure_headers(self, incoming: Incoming, reason: str) -> dict[str, Any]:
         now = _now_iso()
